@@ -1,0 +1,38 @@
+"""The `tetra` command: parse arguments, call one function, turn user errors into a message and exit code 2.
+
+Entry point: main(argv) -> exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tetra import __version__
+from tetra.commands import convert, generate, init, tokenizer
+from tetra.errors import TetraError
+
+COMMAND_GROUPS = (generate, convert, tokenizer, init)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tetra", description="Pretrain, fine-tune, evaluate and sample GPT-style language models.",
+        epilog="Run `tetra COMMAND --help` for a command's options and examples.")
+    parser.add_argument("--version", action="version", version=f"tetra {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in COMMAND_GROUPS:
+        group.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except TetraError as error:
+        sys.stderr.write(f"error: {error}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130

@@ -1,0 +1,4 @@
+"""CLI subcommands, one module per group; each exposes register(subparsers).
+
+Entry point: tetra.cli.main assembles them.
+"""

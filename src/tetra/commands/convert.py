@@ -1,0 +1,67 @@
+"""`tetra convert from-hf | to-hf`: move models between Hugging Face folders and tetra checkpoints.
+
+Entry point: register(subparsers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import torch
+
+from tetra.commands.common import print_json, resolve_dtype
+from tetra.errors import ConfigError
+from tetra.model.io import load_model, save_hf_model, save_model
+
+EXAMPLES = """examples:
+  tetra convert from-hf ./Qwen2.5-0.5B ./checkpoints/qwen-0.5b
+  tetra convert to-hf runs/demo/checkpoints/final ./demo-hf     (then AutoModelForCausalLM.from_pretrained)
+"""
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '1000' -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"--max-shard-size {text!r} is not a size; write e.g. 5GB, 500MB or 1000000.")
+    units = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    return int(float(match[1]) * units[match[2][:1].upper()])
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("convert", help="convert between Hugging Face folders and tetra checkpoints",
+                                   epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    directions = parser.add_subparsers(dest="direction", required=True, metavar="{from-hf,to-hf}")
+    from_hf = directions.add_parser("from-hf", help="Hugging Face folder -> tetra checkpoint", epilog=EXAMPLES,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    from_hf.add_argument("source", help="folder with config.json and *.safetensors")
+    from_hf.add_argument("out", help="new tetra checkpoint folder")
+    to_hf = directions.add_parser("to-hf", help="tetra checkpoint -> Hugging Face folder", epilog=EXAMPLES,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    to_hf.add_argument("source", help="tetra checkpoint folder (or a Hugging Face folder, to re-shard or re-type)")
+    to_hf.add_argument("out", help="new Hugging Face folder")
+    to_hf.add_argument("--max-shard-size", default="5GB", help="split weights into files of at most this size")
+    for sub in (from_hf, to_hf):
+        sub.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16", "float16"])
+        sub.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+        sub.add_argument("--json", action="store_true", help="print what was written as JSON")
+        sub.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    # Conversion only moves tensors, so it runs on the CPU whatever the machine has.
+    model = load_model(args.source, dtype=resolve_dtype(args.dtype, torch.device("cpu")))
+    if args.direction == "from-hf":
+        out = save_model(model, args.out, tokenizer_from=args.source, overwrite=args.overwrite)
+    else:
+        out = save_hf_model(model, args.out, tokenizer_from=args.source, overwrite=args.overwrite,
+                            max_shard_bytes=parse_size(args.max_shard_size))
+    files = sorted(path.name for path in Path(out).iterdir())
+    if args.json:
+        print_json({"out": str(out), "files": files, "parameters": sum(p.numel() for p in model.parameters())})
+    else:
+        print(f"wrote {out} ({', '.join(files)})")
+    return 0
+

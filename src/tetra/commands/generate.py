@@ -1,0 +1,81 @@
+"""`tetra generate`: sample text from a tetra checkpoint or a Hugging Face folder, streaming to the terminal.
+
+Entry point: register(subparsers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from tetra.commands.common import print_json, resolve_device, resolve_dtype
+from tetra.data.tokenizer import TextTokenizer
+from tetra.errors import ConfigError
+from tetra.infer.sampling import SamplingConfig
+from tetra.infer.text import generate_text
+from tetra.model.io import load_model
+
+EXAMPLES = """examples:
+  tetra generate runs/demo/checkpoints/final --prompt "def fibonacci(n):" --max-new-tokens 64
+  tetra generate ./Llama-3.2-1B --prompt "The capital of France is" --temperature 0
+  tetra generate ./model --prompt "a" --prompt "b" --json      (batched, machine-readable)
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("generate", help="sample text from a model", epilog=EXAMPLES,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="tetra checkpoint folder or Hugging Face model folder")
+    parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    parser.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+    parser.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    parser.add_argument("--tokenizer", help="tokenizer folder, if not the model folder")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "keep", "float32", "bfloat16", "float16"])
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens}).")
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+    tokenizer = TextTokenizer.load(Path(args.tokenizer or args.model))
+    device = resolve_device(args.device)
+    model = load_model(args.model, dtype=resolve_dtype(args.dtype, device), device=device)
+    prompts = args.prompt
+    if args.chat:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    streaming = not args.json and len(prompts) == 1
+
+    def show(row: int, piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    if streaming:
+        sys.stdout.write(args.prompt[0])
+        sys.stdout.flush()
+    start = time.perf_counter()
+    completions = generate_text(model, tokenizer, prompts, args.max_new_tokens, sampling, args.seed, args.stop,
+                                on_text=show if streaming else None)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(c.token_ids) for c in completions)
+    if args.json:
+        print_json({"completions": [{"prompt": c.prompt, "text": c.text, "tokens": len(c.token_ids),
+                                     "finish_reason": c.finish_reason} for c in completions],
+                    "seconds": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 2)})
+        return 0
+    if streaming:
+        sys.stdout.write("\n")
+    else:
+        for completion in completions:
+            sys.stdout.write(f"--- {completion.prompt}\n{completion.prompt}{completion.text}\n")
+    sys.stderr.write(f"{tokens} tokens in {seconds:.2f} s ({tokens / seconds:.1f} tokens/s)\n")
+    return 0

@@ -1,0 +1,68 @@
+"""Documents from .txt / .jsonl files, folders and globs, and the built-in `stdlib` corpus.
+
+Entry point: iter_documents(source, text_field) yields one string per document, in a fixed order.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+from tetra.errors import DataError
+
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
+STDLIB = "stdlib"
+
+
+def stdlib_files() -> list[Path]:
+    """The running Python's standard-library sources: present on every machine, no download, ~25 MB of text."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
+    return sorted(path for path in root.rglob("*.py") if not skip.intersection(path.relative_to(root).parts))
+
+
+def source_files(source: str) -> list[Path]:
+    """The files a source names, sorted so every machine reads them in the same order."""
+    if source == STDLIB:
+        return stdlib_files()
+    path = Path(source)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + (".jsonl",))
+    else:
+        files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
+    if not files:
+        raise DataError(f"No documents found at {source!r}: it is not a file, a folder with .txt/.jsonl/.md/.py "
+                        f"files, a glob that matches files, or the built-in corpus name {STDLIB!r}.")
+    return files
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}, line {number}: not valid JSON ({error.msg}). Each line of a .jsonl file "
+                                "must be one JSON object.") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                raise DataError(f"{path}, line {number}: no string field {text_field!r}. Choose the field that "
+                                "holds the text (--text-field).")
+            yield record[text_field]
+
+
+def iter_documents(source: str, text_field: str = "text") -> Iterator[str]:
+    """Every document of the source: a whole text file, or one .jsonl record."""
+    for path in source_files(source):
+        if path.suffix == ".jsonl":
+            yield from _jsonl_documents(path, text_field)
+        else:
+            text = path.read_text(encoding="utf-8", errors="replace")
+            if text.strip():
+                yield text

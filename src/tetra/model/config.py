@@ -1,0 +1,145 @@
+"""ModelConfig: one dataclass that describes every decoder family tetra runs.
+
+Entry point: ModelConfig (plus ModelConfig.validate, to_dict and from_dict for storage).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from tetra.errors import ConfigError
+
+SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "opt")
+
+
+@dataclass
+class RopeScaling:
+    """Rotary frequency scaling for context extension (Llama 3.1 'llama3' or plain 'linear')."""
+
+    rope_type: str = "default"  # default | linear | llama3
+    factor: float = 1.0  # how much longer the context is than in pretraining
+    low_freq_factor: float = 1.0  # llama3: wavelengths above original/low_freq_factor are scaled fully
+    high_freq_factor: float = 4.0  # llama3: wavelengths below original/high_freq_factor are kept
+    original_max_position_embeddings: int = 8192  # llama3: the pretraining context length
+
+
+@dataclass
+class ModelConfig:
+    """Shape and flavour of a decoder-only transformer; the defaults are a tiny Llama."""
+
+    family: str = "llama"  # which Hugging Face architecture this maps to: llama | qwen2 | mistral | gpt2 | opt
+    vocab_size: int = 32000  # rows of the token embedding
+    hidden_size: int = 256  # model width
+    n_layers: int = 4  # number of transformer blocks
+    n_heads: int = 4  # query heads
+    n_kv_heads: int = 0  # key/value heads (grouped-query attention); 0 means n_heads
+    head_dim: int = 0  # width of one head; 0 means hidden_size // n_heads
+    intermediate_size: int = 0  # MLP width; 0 means 4 * hidden_size (non-gated) or ~8/3 * hidden_size (gated)
+    max_position_embeddings: int = 2048  # longest sequence the positions support
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    norm_eps: float = 1e-5  # epsilon inside the norms
+    activation: str = "silu"  # silu | gelu | gelu_tanh | relu
+    gated_mlp: bool = True  # SwiGLU-style gate * up (Llama) instead of up -> act -> down (GPT-2, OPT)
+    positions: str = "rope"  # rope | learned
+    position_offset: int = 0  # learned positions start at this row (OPT uses 2)
+    rope_theta: float = 10000.0  # rotary base
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    qkv_bias: bool = False  # bias on the query/key/value projections (Qwen2, GPT-2, OPT)
+    out_bias: bool = False  # bias on the attention output projection (GPT-2, OPT)
+    mlp_bias: bool = False  # bias on the MLP projections (GPT-2, OPT)
+    tie_embeddings: bool = False  # the output head shares the token embedding matrix
+    sliding_window: int = 0  # attend only to the last N positions (Mistral); 0 means full attention
+    dropout: float = 0.0  # dropout on attention probabilities and residual branches (training only)
+    bos_token_id: int | None = None  # beginning-of-sequence token, if the tokenizer has one
+    eos_token_id: int | list[int] | None = None  # end-of-sequence token(s): generation stops there
+    pad_token_id: int | None = None  # padding token, if any
+    dtype: str = "float32"  # parameter dtype the weights were stored in: float32 | bfloat16 | float16
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads with the 0 default resolved."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def resolved_head_dim(self) -> int:
+        """Head width with the 0 default resolved."""
+        return self.head_dim or self.hidden_size // self.n_heads
+
+    @property
+    def mlp_width(self) -> int:
+        """MLP hidden width with the 0 default resolved (gated MLPs round 8/3 * hidden up to a multiple of 64)."""
+        if self.intermediate_size:
+            return self.intermediate_size
+        if self.gated_mlp:
+            return 64 * ((8 * self.hidden_size // 3 + 63) // 64)
+        return 4 * self.hidden_size
+
+    def validate(self) -> ModelConfig:
+        """Check every field at once; raise one ConfigError that lists all problems."""
+        problems = []
+        positive = ("vocab_size", "hidden_size", "n_layers", "n_heads", "max_position_embeddings")
+        problems += [f"model.{name} must be positive (got {getattr(self, name)})" for name in positive
+                     if getattr(self, name) <= 0]
+        choices = {"family": SUPPORTED_FAMILIES, "norm": ("rmsnorm", "layernorm"),
+                   "activation": SUPPORTED_ACTIVATIONS, "positions": ("rope", "learned"),
+                   "dtype": ("float32", "bfloat16", "float16")}
+        problems += [f"model.{name} is {getattr(self, name)!r}; choose one of {', '.join(options)}"
+                     for name, options in choices.items() if getattr(self, name) not in options]
+        if self.rope_scaling.rope_type not in SUPPORTED_ROPE_TYPES:
+            problems.append(f"rope scaling type {self.rope_scaling.rope_type!r} is not supported; "
+                            f"tetra supports {', '.join(SUPPORTED_ROPE_TYPES)}")
+        if self.n_heads > 0 and self.kv_heads > 0 and self.n_heads % self.kv_heads:
+            problems.append(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.kv_heads})")
+        if self.n_heads > 0 and not self.head_dim and self.hidden_size % self.n_heads:
+            problems.append(f"model.hidden_size ({self.hidden_size}) must divide by model.n_heads ({self.n_heads}), "
+                            "or set model.head_dim explicitly")
+        if self.positions == "rope" and self.n_heads > 0 and self.resolved_head_dim % 2:
+            problems.append(f"rotary positions need an even head width (got {self.resolved_head_dim})")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"model.dropout must be in [0, 1) (got {self.dropout})")
+        if problems:
+            raise ConfigError("Invalid model configuration:\n  - " + "\n  - ".join(problems))
+        return self
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """End-of-sequence ids as a list (configs store one id or several)."""
+        if self.eos_token_id is None:
+            return []
+        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (round-trips through from_dict)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        """Build from a dict, refusing unknown keys with a hint."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"Unknown model config keys: {', '.join(unknown)}. Known keys: {', '.join(sorted(known))}.")
+        return cls(**values).validate()
+
+    def num_parameters(self, include_embeddings: bool = True) -> int:
+        """Parameter count computed from the shape (no model needed)."""
+        hidden, head_dim = self.hidden_size, self.resolved_head_dim
+        attention = hidden * head_dim * (2 * self.n_heads + 2 * self.kv_heads)
+        attention += (self.n_heads + 2 * self.kv_heads) * head_dim * self.qkv_bias + hidden * self.out_bias
+        mlp_matrices = 3 if self.gated_mlp else 2
+        mlp = mlp_matrices * hidden * self.mlp_width + self.mlp_bias * (self.mlp_width * (mlp_matrices - 1) + hidden)
+        norm_size = hidden * (2 if self.norm == "layernorm" else 1)
+        total = self.n_layers * (attention + mlp + 2 * norm_size) + norm_size
+        if include_embeddings:
+            total += self.vocab_size * hidden * (1 if self.tie_embeddings else 2)
+            if self.positions == "learned":
+                total += (self.max_position_embeddings + self.position_offset) * hidden
+        return total

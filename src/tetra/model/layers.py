@@ -1,0 +1,168 @@
+"""The transformer's building blocks: norms, rotary positions, attention (torch SDPA) and MLPs.
+
+Entry points: make_norm, RotaryEmbedding, Attention, MLP, Block.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tetra.model.config import ModelConfig, RopeScaling
+from tetra.model.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32 (as Llama does) and cast back to the input dtype."""
+
+    def __init__(self, width: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    """The norm the family uses: RMSNorm, or LayerNorm with a bias."""
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.hidden_size, config.norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    """Rotary inverse frequencies in fp32, with linear or Llama-3 scaling applied."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    if scaling.rope_type != "llama3":
+        return inv_freq
+    # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated smoothly.
+    original = scaling.original_max_position_embeddings
+    low_freq_wavelength = original / scaling.low_freq_factor
+    high_freq_wavelength = original / scaling.high_freq_factor
+    wavelength = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelength > low_freq_wavelength, inv_freq / scaling.factor, inv_freq)
+    smooth = (original / wavelength - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    in_band = (wavelength >= high_freq_wavelength) & (wavelength <= low_freq_wavelength)
+    return torch.where(in_band, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Computes cos/sin tables for given positions; holds no parameters and nothing in the state dict."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        # A plain attribute, not a buffer: it must stay fp32 when the model is cast to bf16, and it must not be
+        # created on the meta device when a model is built empty for loading.
+        self.inv_freq = rope_inverse_frequencies(config.resolved_head_dim, config.rope_theta, config.rope_scaling)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq.to(position_ids.device)
+        angles = position_ids.float()[..., None] * inv_freq
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate [B, H, T, D] by position (the half-split convention Llama checkpoints are stored in)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query heads, optional rotary positions and a KV cache."""
+
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.n_heads, self.n_kv_heads = config.n_heads, config.kv_heads
+        self.head_dim = config.resolved_head_dim
+        self.dropout = config.dropout
+        hidden = config.hidden_size
+        self.q = nn.Linear(hidden, self.n_heads * self.head_dim, bias=config.qkv_bias)
+        self.k = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.o = nn.Linear(self.n_heads * self.head_dim, hidden, bias=config.out_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        kv_cache: KVCache | None = None,
+        cache_start: int = 0,
+    ) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.q(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_index, k, v, cache_start)
+        # is_causal only when queries and keys start together; otherwise the caller passes an explicit mask.
+        causal = mask is None and length > 1 and k.shape[2] == length
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.o(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+class MLP(nn.Module):
+    """Gated (SwiGLU: down(act(gate x) * up x)) or plain (down(act(up x))) feed-forward."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        hidden, width = config.hidden_size, config.mlp_width
+        self.activation = ACTIVATIONS[config.activation]
+        self.gate = nn.Linear(hidden, width, bias=config.mlp_bias) if config.gated_mlp else None
+        self.up = nn.Linear(hidden, width, bias=config.mlp_bias)
+        self.down = nn.Linear(width, hidden, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is None:
+            return self.down(self.activation(self.up(x)))
+        return self.down(self.activation(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config, layer_index)
+        self.mlp_norm = make_norm(config)
+        self.mlp = MLP(config)
+        self.residual_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        kv_cache: KVCache | None = None,
+        cache_start: int = 0,
+    ) -> torch.Tensor:
+        x = x + self.residual_dropout(self.attn(self.attn_norm(x), rotary, mask, kv_cache, cache_start))
+        return x + self.residual_dropout(self.mlp(self.mlp_norm(x)))

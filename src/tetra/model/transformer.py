@@ -1,0 +1,126 @@
+"""The decoder: token (and learned position) embeddings -> blocks -> final norm -> output head.
+
+Entry point: Transformer(config)(input_ids, ...) -> logits. No training and no parallel code lives here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from tetra.model.config import ModelConfig
+from tetra.model.kv_cache import KVCache
+from tetra.model.layers import Block, RotaryEmbedding, make_norm
+
+
+def attention_mask_for(
+    length: int, cache_start: int, key_padding: torch.Tensor | None, sliding_window: int, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean [B|1, 1, T, S] mask (True = may attend), or None when SDPA's own causal path is exact."""
+    total = cache_start + length
+    windowed = 0 < sliding_window < total
+    if key_padding is None and not windowed and (cache_start == 0 or length == 1):
+        return None
+    query_index = torch.arange(cache_start, total, device=device)[:, None]
+    key_index = torch.arange(total, device=device)[None, :]
+    allowed = key_index <= query_index
+    if windowed:
+        allowed = allowed & (key_index > query_index - sliding_window)
+    allowed = allowed[None, None]
+    if key_padding is not None:
+        allowed = allowed & key_padding[:, None, None, :total].bool()
+        # A left-pad query sees no real key; letting it see itself keeps SDPA away from all-masked (NaN) rows.
+        allowed = allowed | (key_index == query_index)[None, None]
+    return allowed
+
+
+def positions_for(
+    batch: int, length: int, cache_start: int, key_padding: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """Position of each new token: its index among the real (unpadded) tokens of its row."""
+    if key_padding is None:
+        return torch.arange(cache_start, cache_start + length, device=device)[None].expand(batch, -1)
+    counted = key_padding[:, : cache_start + length].long().cumsum(-1) - 1
+    return counted[:, cache_start:].clamp(min=0)
+
+
+class Transformer(nn.Module):
+    """A decoder-only language model covering the Llama, Qwen2, Mistral, GPT-2 and OPT layouts."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config.validate()
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.pos_embed = None
+        self.rotary = None
+        if config.positions == "learned":
+            self.pos_embed = nn.Embedding(config.max_position_embeddings + config.position_offset, config.hidden_size)
+        else:
+            self.rotary = RotaryEmbedding(config)
+        self.embed_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, index) for index in range(config.n_layers))
+        self.norm = make_norm(config)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def init_weights(self, std: float = 0.02) -> None:
+        """GPT-2 style initialization; output projections shrink with depth so the residual stream stays O(1)."""
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_output = name.endswith(".o") or name.endswith(".down")
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_output else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif hasattr(module, "weight") and module.weight is not None and module.weight.dim() == 1:
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        cache_start: int = 0,
+    ) -> torch.Tensor:
+        """Final-norm hidden states [B, T, hidden].
+
+        attention_mask marks real tokens (1) vs padding (0) over cache + new tokens, shape [B, cache_start + T].
+        """
+        batch, length = input_ids.shape
+        device = input_ids.device
+        if position_ids is None:
+            position_ids = positions_for(batch, length, cache_start, attention_mask, device)
+        x = self.embed(input_ids)
+        rotary = None
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(position_ids + self.config.position_offset)
+        else:
+            rotary = self.rotary(position_ids, x.dtype)
+        x = self.embed_dropout(x)
+        mask = attention_mask_for(length, cache_start, attention_mask, self.config.sliding_window, device)
+        for block in self.blocks:
+            x = block(x, rotary, mask, kv_cache, cache_start)
+        return self.norm(x)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        cache_start: int = 0,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only, which is all sampling needs)."""
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache, cache_start)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return self.head(hidden)
