@@ -23,3 +23,30 @@ def hf_folder(tmp_path: Path):
         return model, folder
 
     return make
+
+
+SAMPLE_TEXT = [
+    "def add(a, b):\n    return a + b\n",
+    "The quick brown fox jumps over the lazy dog. Ünïcödé text: naïve café, 日本語.\n",
+    "import os\nimport sys\n\nfor name in os.listdir('.'):\n    print(name, file=sys.stderr)\n",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tetra checkpoint folder: a tiny random Llama with a BPE tokenizer trained on sample text."""
+    import torch
+
+    from tetra.data.tokenizer import train_bpe
+    from tetra.model import ModelConfig, Transformer
+    from tetra.model.io import save_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = train_bpe(SAMPLE_TEXT, vocab_size=400)
+    tokenizer.save(root / "tokenizer")
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                         eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    torch.manual_seed(0)
+    model = Transformer(config)
+    model.init_weights(std=0.3)  # large weights: peaked, varied predictions instead of near-uniform noise
+    return save_model(model, root / "checkpoint", tokenizer_from=root / "tokenizer")
