@@ -73,10 +73,10 @@ def main() -> None:
         prompt_lists = prompts.tolist()
         hf_input = prompts.to(args.device)
 
-        def run_tetra():
+        def run_tetra(prompt_lists=prompt_lists):
             return generate_ids(model, prompt_lists, args.new)
 
-        def run_hf():
+        def run_hf(hf_input=hf_input):
             with torch.inference_mode():
                 return hf_model.generate(hf_input, attention_mask=torch.ones_like(hf_input), max_new_tokens=args.new,
                                          min_new_tokens=args.new, do_sample=False, pad_token_id=0)

@@ -36,7 +36,8 @@ def test_folder_without_config(tmp_path, capsys):
 def test_unsupported_architecture_is_named_with_the_supported_list(hf_folder, tmp_path, capsys):
     _, folder = hf_folder("llama-gqa1")
     _edit_config(folder, model_type="bert", architectures=["BertForMaskedLM"])
-    _fails(capsys, ["convert", "from-hf", str(folder), str(tmp_path / "out")], "'bert'", "llama, qwen2, mistral, gpt2, opt")
+    _fails(capsys, ["convert", "from-hf", str(folder), str(tmp_path / "out")], "'bert'",
+           "llama, qwen2, mistral, gpt2, opt")
 
 
 def test_shapes_that_do_not_match_the_config_are_named(hf_folder, tmp_path, capsys):

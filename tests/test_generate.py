@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_factory import FAMILY_VARIANTS, VOCAB
 
+from hf_factory import FAMILY_VARIANTS, VOCAB
 from tetra.infer.generate import generate_ids
 from tetra.infer.sampling import SamplingConfig, filter_logits
 from tetra.model import KVCache
@@ -89,3 +89,15 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert kept.tolist() == [[True, False, False, False]]
     kept = torch.isfinite(filter_logits(logits, top_k=3, top_p=1.0))
     assert kept.tolist() == [[True, True, True, False]]
+
+
+def test_end_of_turn_ids_from_generation_config_stop_generation(hf_folder):
+    import json
+
+    _, folder = hf_folder("llama-gqa2")
+    free = generate_ids(load_model(folder), [PROMPTS[0]], 16)[0]
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [EOS, free[4]]}))
+    model = load_model(folder)
+    assert model.config.eos_token_ids == sorted({EOS, free[4]})
+    stopped = generate_ids(model, [PROMPTS[0]], 16, eos_ids=model.config.eos_token_ids)[0]
+    assert stopped == free[: free.index(free[4]) + 1]

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from hf_factory import FAMILY_VARIANTS, VOCAB
 
+from hf_factory import FAMILY_VARIANTS, VOCAB
 from tetra.cli import main
 from tetra.model.io import load_model, save_hf_model, save_model
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import SAMPLE_TEXT
 
+from conftest import SAMPLE_TEXT
 from tetra.cli import main
 from tetra.data.tokenizer import TextTokenizer, train_bpe
 from tetra.errors import DataError

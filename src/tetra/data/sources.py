@@ -18,7 +18,7 @@ STDLIB = "stdlib"
 
 
 def stdlib_files() -> list[Path]:
-    """The running Python's standard-library sources: present on every machine, no download, ~25 MB of text."""
+    """The running Python's standard-library sources: on every machine, no download, ~11 MB of text (3.11)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
     return sorted(path for path in root.rglob("*.py") if not skip.intersection(path.relative_to(root).parts))

@@ -74,7 +74,7 @@ def generate_text(
     stop_strings: list[str] | None = None,
     on_text: Callable[[int, str], None] | None = None,
 ) -> list[Completion]:
-    """Generate a completion per prompt (batched, left-padded); on_text(row, piece) receives text as it becomes final."""
+    """A completion per prompt (batched, left-padded); on_text(row, piece) receives text as it becomes final."""
     stop_strings = [s for s in (stop_strings or []) if s]
     streams = [_TextStream(tokenizer, stop_strings) for _ in prompts]
     eos_ids = sorted(set(model.config.eos_token_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set()))
@@ -94,7 +94,7 @@ def generate_text(
     encoded = [tokenizer.encode(prompt) for prompt in prompts]
     outputs = generate_ids(model, encoded, max_new_tokens, sampling, eos_ids, seed, on_step)
     completions = []
-    for row, (prompt, ids) in enumerate(zip(prompts, outputs)):
+    for row, (prompt, ids) in enumerate(zip(prompts, outputs, strict=True)):
         stream = streams[row]
         rest = stream.finish()
         if rest and on_text:

@@ -126,7 +126,8 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(f"Unknown model config keys: {', '.join(unknown)}. Known keys: {', '.join(sorted(known))}.")
+            raise ConfigError(f"Unknown model config keys: {', '.join(unknown)}. "
+                              f"Known keys: {', '.join(sorted(known))}.")
         return cls(**values).validate()
 
     def num_parameters(self, include_embeddings: bool = True) -> int:

@@ -72,7 +72,7 @@ def normalize_hf_names(family: str, tensors: dict[str, torch.Tensor], tied: bool
 
 
 def hf_to_tetra_state(family: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """(Given names from normalize_hf_names.) Rename (and for GPT-2 transpose and split) Hugging Face tensors into tetra's state-dict names."""
+    """Rename (for GPT-2 also transpose and split) normalized Hugging Face tensors into tetra state-dict names."""
     patterns = [(rule, _pattern(rule.hf)) for rule in RULES[family]]
     state: dict[str, torch.Tensor] = {}
     unknown = []
@@ -98,7 +98,7 @@ def _convert_in(kind: str, target: str, param: str, value: torch.Tensor, state: 
         state[target] = value.t().contiguous() if param == "weight" else value
     else:  # GPT-2 stores q, k and v as one [in, 3 * out] Conv1D matrix
         pieces = (value.t() if param == "weight" else value).chunk(3, dim=0)
-        for piece, head in zip(pieces, ("q", "k", "v")):
+        for piece, head in zip(pieces, ("q", "k", "v"), strict=True):
             state[target.replace("{qkv}", head)] = piece.contiguous()
 
 

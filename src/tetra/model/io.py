@@ -29,7 +29,8 @@ def read_model_config(path: str | Path) -> ModelConfig:
     """The ModelConfig of a tetra checkpoint (model_config.json) or a Hugging Face folder (config.json)."""
     folder = Path(path)
     if not folder.exists():
-        raise CheckpointError(f"{folder} does not exist. Pass a tetra checkpoint folder or a Hugging Face model folder.")
+        raise CheckpointError(f"{folder} does not exist. Pass a tetra checkpoint folder or a Hugging Face "
+                              "model folder.")
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is a file; pass the folder that holds config.json (Hugging Face) or "
                               f"{TETRA_CONFIG} (tetra checkpoint).")
@@ -40,9 +41,22 @@ def read_model_config(path: str | Path) -> ModelConfig:
         values = read_json(folder / HF_CONFIG, "Hugging Face model configuration")
         if not isinstance(values, dict):
             raise ConfigError(f"{folder / HF_CONFIG} must hold a JSON object.")
-        return from_hf_config(values)
+        config = from_hf_config(values)
+        eos_ids = _with_generation_eos(folder, config.eos_token_ids)
+        if eos_ids:
+            config.eos_token_id = eos_ids[0] if len(eos_ids) == 1 else eos_ids
+        return config
     raise CheckpointError(f"{folder} has neither config.json (a Hugging Face model) nor {TETRA_CONFIG} (a tetra "
                           "checkpoint). Point at the folder that holds the model's configuration and weights.")
+
+
+def _with_generation_eos(folder: Path, eos_ids: list[int]) -> list[int]:
+    """Chat models list their end-of-turn tokens in generation_config.json; generation must stop there too."""
+    path = folder / "generation_config.json"
+    generation = read_json(path, "generation settings") if path.is_file() else {}
+    extra = generation.get("eos_token_id") if isinstance(generation, dict) else None
+    extra = [extra] if isinstance(extra, int) else extra if isinstance(extra, list) else []
+    return sorted(set(eos_ids) | {token for token in extra if isinstance(token, int)})
 
 
 def check_tensors(expected: dict[str, torch.Size], found: dict[str, torch.Tensor], source: Path) -> None:

@@ -20,7 +20,9 @@ class KVCache:
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.max_length = max_length
 
-    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store [B, H, T, D] keys/values at positions start..start+T; return everything cached up to there."""
         end = start + keys.shape[2]
         if end > self.max_length:
@@ -29,7 +31,3 @@ class KVCache:
         self.values[layer, :, :, start:end] = values
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep only some batch rows (finished sequences dropped from a batch)."""
-        self.keys = self.keys[:, rows]
-        self.values = self.values[:, rows]
