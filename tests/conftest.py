@@ -50,3 +50,27 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     model = Transformer(config)
     model.init_weights(std=0.3)  # large weights: peaked, varied predictions instead of near-uniform noise
     return save_model(model, root / "checkpoint", tokenizer_from=root / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def corpus_jsonl(tmp_path_factory) -> Path:
+    """A .jsonl corpus of 120 short, varied documents."""
+    import json
+
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    lines = [json.dumps({"text": f"{SAMPLE_TEXT[i % 3]} document {i}: " + "x = " + str(i * 7919 % 1000) * (i % 5 + 1)})
+             for i in range(120)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory, corpus_jsonl) -> Path:
+    """corpus_jsonl tokenized with a 400-token BPE, 10% held out."""
+    from tetra.data.prepare import prepare_data
+    from tetra.data.tokenizer import train_bpe
+
+    root = tmp_path_factory.mktemp("prepared")
+    train_bpe(SAMPLE_TEXT, vocab_size=400).save(root / "tokenizer")
+    prepare_data(str(corpus_jsonl), root / "tokenizer", root / "data", val_fraction=0.1, show_progress=False)
+    return root / "data"

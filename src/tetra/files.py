@@ -28,6 +28,7 @@ def atomic_directory(destination: str | Path, overwrite: bool = False) -> Iterat
                          "or remove it first (or pass --overwrite where the command offers it).")
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary output folder
     try:
         yield staging
     except BaseException:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from tetra.commands.common import print_json, resolve_dtype
+from tetra.commands.common import print_json
+from tetra.devices import resolve_dtype
 from tetra.errors import ConfigError
 from tetra.model.io import load_model, save_hf_model, save_model
 

@@ -10,8 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from tetra.commands.common import print_json, resolve_device, resolve_dtype
+from tetra.commands.common import print_json
 from tetra.data.tokenizer import TextTokenizer
+from tetra.devices import resolve_device, resolve_dtype
 from tetra.errors import ConfigError
 from tetra.infer.sampling import SamplingConfig
 from tetra.infer.text import generate_text

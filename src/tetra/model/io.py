@@ -1,6 +1,7 @@
 """Loading and saving whole models: tetra checkpoints and Hugging Face folders, with every tensor checked.
 
-Entry points: load_model(path), save_model(model, out), save_hf_model(model, out), read_model_config(path).
+Entry points: load_model(path), save_model(model, out), save_hf_model(model, out), read_model_config(path),
+load_weights_into(model, folder).
 """
 
 from __future__ import annotations
@@ -117,6 +118,17 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     return model.eval()
 
 
+def load_weights_into(model: Transformer, folder: str | Path) -> None:
+    """Copy a tetra checkpoint's weights into an existing model (keeping its Parameters), refusing any mismatch."""
+    folder = Path(folder)
+    state = read_tensors(folder)
+    check_tensors(_expected_shapes(model), state, folder)
+    with torch.no_grad():
+        for name, parameter in model.state_dict(keep_vars=True).items():
+            if name in state:
+                parameter.copy_(state[name])
+
+
 def _copy_tokenizer_files(source: Path | None, staging: Path) -> None:
     for name in TOKENIZER_FILES:
         if source is not None and (source / name).is_file():
@@ -136,13 +148,18 @@ def _saved_config(model: Transformer) -> ModelConfig:
     return config
 
 
+def write_model_files(model: Transformer, folder: Path, tokenizer_from: str | Path | None = None) -> None:
+    """model_config.json + model.safetensors (+ tokenizer files) into an existing folder."""
+    write_json(folder / TETRA_CONFIG, _saved_config(model).to_dict())
+    write_tensors(_state_for_saving(model), folder)
+    _copy_tokenizer_files(Path(tokenizer_from) if tokenizer_from else None, folder)
+
+
 def save_model(model: Transformer, out: str | Path, tokenizer_from: str | Path | None = None,
                overwrite: bool = False) -> Path:
-    """Write a tetra checkpoint: model_config.json + model.safetensors (+ tokenizer files if given)."""
+    """Write a tetra checkpoint folder atomically: model_config.json + model.safetensors (+ tokenizer files)."""
     with atomic_directory(out, overwrite) as staging:
-        write_json(staging / TETRA_CONFIG, _saved_config(model).to_dict())
-        write_tensors(_state_for_saving(model), staging)
-        _copy_tokenizer_files(Path(tokenizer_from) if tokenizer_from else None, staging)
+        write_model_files(model, staging, tokenizer_from)
     return Path(out)
 
 

@@ -1,0 +1,250 @@
+"""Run configuration: typed sections, TOML files, dotted key=value overrides, and validation of everything at once.
+
+Entry points: load_run_config(path, overrides) -> RunConfig, and RunConfig.to_toml().
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tetra.errors import ConfigError
+from tetra.model.config import ModelConfig
+
+
+@dataclass
+class InitConfig:
+    """Where the model comes from: a named shape (random weights) or existing weights."""
+
+    preset: str = ""  # a shape from tetra.model.presets (tiny, small, llama-1b, ...); [model] keys override it
+    checkpoint: str = ""  # start from these weights: a tetra checkpoint or a Hugging Face folder (fine-tuning)
+    std: float = 0.02  # initialization standard deviation for random weights
+
+
+@dataclass
+class DataConfig:
+    """The prepared dataset (`tetra data prepare`) and how it is cut into sequences."""
+
+    path: str = ""  # folder written by `tetra data prepare`
+    seq_len: int = 256  # tokens per training sequence
+    seed: int = 0  # order of the sequences; the same seed gives the same batches
+
+
+@dataclass
+class TrainConfig:
+    """The optimization loop."""
+
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # sequences per micro-batch (per data-parallel rank)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
+    schedule: str = "cosine"  # cosine | wsd | linear | constant (all after a linear warmup)
+    warmup_steps: int = 100  # steps of linear warmup from 0
+    decay_fraction: float = 0.2  # wsd: fraction of the steps spent decaying at the end
+    weight_decay: float = 0.1  # AdamW decay, applied to matrices only (not norms, biases, embeddings)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    precision: str = "auto"  # auto | fp32 | bf16: autocast dtype; master weights stay fp32
+    activation_checkpointing: bool = False  # recompute block activations in backward to save memory
+    compile: bool = False  # torch.compile the model
+    seed: int = 0  # initialization and dropout seed
+
+
+@dataclass
+class EvalConfig:
+    """Validation during training."""
+
+    every: int = 200  # evaluate every N steps (0 = only at the end)
+    batches: int = 20  # validation micro-batches per evaluation
+
+
+@dataclass
+class RunSection:
+    """Where the run writes and how often."""
+
+    dir: str = "runs/run"  # run folder: config.toml, metrics.jsonl, checkpoints/, loss.png
+    log_every: int = 10  # steps between metrics lines
+    checkpoint_every: int = 500  # steps between checkpoints (0 = only at the end)
+    keep_checkpoints: int = 3  # newest checkpoints kept; older ones are deleted
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class RunConfig:
+    """Everything a `tetra train` run needs, one section per TOML table."""
+
+    init: InitConfig = field(default_factory=InitConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunSection = field(default_factory=RunSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """The resolved configuration as TOML (what the run folder's config.toml holds)."""
+        return dump_toml(self.to_dict())
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _is_dataclass_type(kind: Any) -> bool:
+    return isinstance(kind, type) and dataclasses.is_dataclass(kind)
+
+
+def _type_ok(value: Any, kind: Any) -> bool:
+    """Whether a TOML value fits a field's annotation (ints are accepted for floats)."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, option) for option in typing.get_args(kind))
+    if kind is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list) and all(_type_ok(v, typing.get_args(kind)[0]) for v in value)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if _is_dataclass_type(kind):
+        return isinstance(value, dict)
+    return isinstance(value, kind)
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str, problems: list[str]) -> Any:
+    """Instantiate a dataclass from a dict, collecting unknown keys and type errors instead of stopping."""
+    types_by_name = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in types_by_name:
+            close = difflib.get_close_matches(key, types_by_name, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f"; known keys: {', '.join(types_by_name)}"
+            problems.append(f"unknown key {name}{hint}")
+            continue
+        kind = types_by_name[key]
+        if _is_dataclass_type(kind) and isinstance(value, dict):
+            kwargs[key] = _build(kind, value, f"{name}.", problems)
+        elif _type_ok(value, kind):
+            kwargs[key] = float(value) if kind is float else value
+        else:
+            problems.append(f"{name} = {value!r} has the wrong type; expected {getattr(kind, '__name__', kind)}")
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=3e-4' -> (['train', 'lr'], 0.0003); values are TOML literals, else plain strings."""
+    if "=" not in text:
+        raise ConfigError(f"Override {text!r} is not key=value (e.g. train.max_steps=200).")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    try:
+        value = tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict (sections are created as needed)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        target = values
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"Override {text!r}: {part} is a value, not a section.")
+        target[path[-1]] = value
+    return values
+
+
+def build_run_config(values: dict[str, Any]) -> RunConfig:
+    """Typed RunConfig from a nested dict; every problem is reported in one ConfigError."""
+    problems: list[str] = []
+    config = _build(RunConfig, values, "", problems)
+    problems += validate_run_config(config, explicit_model=values.get("model", {}))
+    if problems:
+        raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+    return config
+
+
+def _choice(problems: list[str], name: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        problems.append(f"{name} = {value!r}; choose one of {', '.join(options)}")
+
+
+def validate_run_config(config: RunConfig, explicit_model: dict[str, Any]) -> list[str]:
+    """Problems with the values (not the keys); model shape problems come from ModelConfig.validate."""
+    problems = []
+    train, data = config.train, config.data
+    for name, value in (("train.max_steps", train.max_steps), ("train.batch_size", train.batch_size),
+                        ("train.grad_accum", train.grad_accum), ("data.seq_len", data.seq_len),
+                        ("run.log_every", config.run.log_every), ("run.keep_checkpoints", config.run.keep_checkpoints)):
+        if value < 1:
+            problems.append(f"{name} must be at least 1 (got {value})")
+    if train.lr <= 0:
+        problems.append(f"train.lr must be positive (got {train.lr})")
+    if not 0 <= train.min_lr_ratio <= 1:
+        problems.append(f"train.min_lr_ratio must be in [0, 1] (got {train.min_lr_ratio})")
+    if train.warmup_steps < 0 or train.warmup_steps > train.max_steps:
+        problems.append(f"train.warmup_steps must be in [0, train.max_steps] (got {train.warmup_steps})")
+    _choice(problems, "train.schedule", train.schedule, ("cosine", "wsd", "linear", "constant"))
+    _choice(problems, "train.precision", train.precision, ("auto", "fp32", "bf16"))
+    if not data.path:
+        problems.append("data.path is empty: set it to a folder made by `tetra data prepare`")
+    if config.init.preset and config.init.checkpoint:
+        problems.append("set init.preset or init.checkpoint, not both")
+    if config.init.checkpoint and explicit_model:
+        problems.append("[model] keys cannot change the shape of init.checkpoint's model; remove them")
+    return problems
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> tuple[RunConfig, dict]:
+    """Read a TOML file (or nothing) plus overrides; returns the typed config and the raw [model] keys given."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist. See configs/ for examples.")
+        try:
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path} is not valid TOML: {error}.") from None
+    values = apply_overrides(values, overrides or [])
+    return build_run_config(values), dict(values.get("model", {}))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items() if v is not None) + " }"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def dump_toml(values: dict[str, dict[str, Any]]) -> str:
+    """Two-level TOML (tables of scalars, lists and inline tables); None values are left out."""
+    lines = []
+    for section, table in values.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in table.items() if value is not None]
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,80 @@
+"""`tetra data prepare`: tokenize documents into shards with EOS after each, and hold out a validation split.
+
+Entry point: prepare_data(source, tokenizer_folder, out, ...) -> the written meta.json as a dict.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from tetra.data.shards import FORMAT_VERSION, META, ShardWriter, token_dtype
+from tetra.data.sources import iter_documents
+from tetra.data.tokenizer import TextTokenizer
+from tetra.errors import DataError
+from tetra.files import atomic_directory, write_json
+
+BATCH_DOCUMENTS = 256
+
+
+def is_validation(index: int, fraction: float) -> bool:
+    """Evenly spaced hold-out: document i is validation when floor((i+1)f) > floor(i f). Streaming and exact."""
+    return fraction > 0 and int((index + 1) * fraction) > int(index * fraction)
+
+
+def _batches(documents: Iterable[str], size: int) -> Iterator[list[str]]:
+    iterator = iter(documents)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+def prepare_data(source: str, tokenizer_folder: str | Path, out: str | Path, text_field: str = "text",
+                 val_fraction: float = 0.01, shard_tokens: int = 2**27, overwrite: bool = False,
+                 show_progress: bool = True) -> dict[str, Any]:
+    """Tokenize every document of `source`; the same inputs always give byte-identical files."""
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"--val-fraction must be in [0, 1) (got {val_fraction}).")
+    tokenizer = TextTokenizer.load(tokenizer_folder)
+    if tokenizer.eos_id is None:
+        raise DataError(f"The tokenizer in {tokenizer_folder} has no eos_token; documents need one between them. "
+                        "Set eos_token in its tokenizer_config.json.")
+    dtype = token_dtype(tokenizer.vocab_size)
+    eos = np.asarray([tokenizer.eos_id], dtype=np.int64)
+    with atomic_directory(out, overwrite) as staging:
+        writers = {split: ShardWriter(staging, split, dtype, shard_tokens) for split in ("train", "val")}
+        index = 0
+        with Progress(TextColumn("tokenizing"), BarColumn(), MofNCompleteColumn(), TextColumn("documents"),
+                      TimeElapsedColumn(), disable=not show_progress, transient=True) as progress:
+            task = progress.add_task("tokenize", total=None)
+            for batch in _batches(iter_documents(source, text_field), BATCH_DOCUMENTS):
+                for ids in tokenizer.encode_batch(batch):
+                    tokens = np.concatenate([np.asarray(ids, dtype=np.int64), eos])
+                    writers["val" if is_validation(index, val_fraction) else "train"].add(tokens)
+                    index += 1
+                progress.advance(task, len(batch))
+        splits = {split: writer.finish() for split, writer in writers.items()}
+        if splits["train"]["tokens"] == 0:
+            raise DataError(f"{source!r} produced no training tokens (empty documents, or every document went "
+                            "to validation). Check the source and --val-fraction.")
+        if val_fraction > 0 and splits["val"]["documents"] == 0:
+            raise DataError(f"{source!r} has only {index} documents: too few for --val-fraction {val_fraction} to "
+                            "hold out even one. Raise --val-fraction, or pass --val-fraction 0 (no evaluation).")
+        tokenizer.save(staging / "tokenizer")
+        meta = {"format_version": FORMAT_VERSION, "source": source, "dtype": dtype.name,
+                "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
+                "tokenizer_fingerprint": tokenizer.fingerprint(), "val_fraction": val_fraction,
+                "documents": index, "splits": splits}
+        write_json(staging / META, meta)
+    return meta
+
+
+def copy_tokenizer(dataset_folder: Path, destination: Path) -> None:
+    """Put a dataset's tokenizer files next to a checkpoint, so the checkpoint is self-contained."""
+    for path in (dataset_folder / "tokenizer").iterdir():
+        shutil.copy2(path, destination / path.name)

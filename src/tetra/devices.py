@@ -1,0 +1,33 @@
+"""Device and dtype choice from the environment: CUDA when present, else CPU; bf16 on GPUs, fp32 on CPUs.
+
+Entry points: resolve_device(name) and resolve_dtype(name, device).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tetra.errors import ConfigError
+
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' is CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"Device {name!r} was asked for, but no CUDA device is visible. Use cpu.")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"Device {name!r} is not a device name; use auto, cpu, cuda or cuda:N.") from None
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """'auto' is bf16 on GPUs and fp32 on CPUs; 'keep' (None) leaves the stored dtype."""
+    if name == "keep":
+        return None
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPE_NAMES[name]

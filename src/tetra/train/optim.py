@@ -1,0 +1,63 @@
+"""AdamW with decay on matrices only, and learning-rate schedules (warmup, then cosine, WSD, linear or constant).
+
+Entry points: build_optimizer(model, config) and lr_at(step, config).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from tetra.config import TrainConfig
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay only the weight matrices of Linear layers; norms, biases and embeddings are not decayed."""
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            if id(parameter) in seen or not parameter.requires_grad:
+                continue
+            seen.add(id(parameter))
+            is_matrix = isinstance(module, nn.Linear) and name == "weight" and parameter is not _tied_embedding(model)
+            (decay if is_matrix else no_decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _tied_embedding(model: nn.Module) -> torch.Tensor | None:
+    embed = getattr(model, "embed", None)
+    return embed.weight if isinstance(embed, nn.Embedding) else None
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW, fused where torch has a fused kernel for the parameters' device."""
+    groups = parameter_groups(model, config.weight_decay)
+    device = next(model.parameters()).device
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, fused=fused)
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then the schedule down to min_lr_ratio."""
+    peak, floor = config.lr, config.lr * config.min_lr_ratio
+    if step < config.warmup_steps:
+        return peak * (step + 1) / config.warmup_steps
+    remaining = max(config.max_steps - config.warmup_steps, 1)
+    progress = min((step - config.warmup_steps) / remaining, 1.0)
+    if config.schedule == "constant":
+        return peak
+    if config.schedule == "linear":
+        return peak + (floor - peak) * progress
+    if config.schedule == "wsd":  # warmup-stable-decay: flat, then a linear decay over the last fraction
+        decay_start = 1.0 - config.decay_fraction
+        if progress < decay_start:
+            return peak
+        return peak + (floor - peak) * (progress - decay_start) / max(config.decay_fraction, 1e-12)
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

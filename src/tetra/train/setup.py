@@ -1,0 +1,88 @@
+"""Everything a run needs before its first step: the dataset, a model that fits it, and their consistency checks.
+
+Entry point: build_model_for_run(config, explicit_model, data) -> (model, tokenizer folder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from tetra.config import RunConfig
+from tetra.data.shards import PreparedData
+from tetra.data.tokenizer import TextTokenizer
+from tetra.errors import ConfigError, DataError
+from tetra.model import ModelConfig, Transformer
+from tetra.model.io import load_model
+from tetra.model.presets import PRESETS
+
+
+def resolve_model_config(config: RunConfig, explicit_model: dict[str, Any], data: PreparedData) -> ModelConfig:
+    """Preset (if any), then the [model] keys given, with vocabulary and special ids from the dataset's tokenizer."""
+    values: dict[str, Any] = {}
+    if config.init.preset:
+        if config.init.preset not in PRESETS:
+            raise ConfigError(f"init.preset = {config.init.preset!r} is unknown. Presets: {', '.join(PRESETS)}.")
+        values.update(dataclasses.asdict(ModelConfig(**PRESETS[config.init.preset])))
+    else:
+        values.update(dataclasses.asdict(config.model))
+    values.update({key: getattr(config.model, key) for key in explicit_model})
+    tokenizer = TextTokenizer.load(data.tokenizer_folder)
+    if "vocab_size" not in explicit_model:
+        values["vocab_size"] = data.vocab_size
+    values.update(eos_token_id=tokenizer.eos_id, bos_token_id=tokenizer.bos_id, pad_token_id=tokenizer.pad_id)
+    return ModelConfig.from_dict(values)
+
+
+def check_model_fits_data(model_config: ModelConfig, config: RunConfig, data: PreparedData,
+                          tokenizer_folder: Path | None) -> None:
+    """The tokenizer must match the prepared data, and the sequences must fit the model."""
+    problems = []
+    if model_config.vocab_size < data.vocab_size:
+        problems.append(f"the model's vocabulary ({model_config.vocab_size}) is smaller than the tokenizer's "
+                        f"({data.vocab_size}) used to prepare {data.folder}")
+    if tokenizer_folder is not None and (tokenizer_folder / "tokenizer.json").is_file():
+        fingerprint = TextTokenizer.load(tokenizer_folder).fingerprint()
+        if fingerprint != data.meta["tokenizer_fingerprint"]:
+            problems.append(f"the tokenizer in {tokenizer_folder} is not the one {data.folder} was prepared with; "
+                            "prepare the data again with `--tokenizer` pointing at the model's tokenizer")
+    if config.data.seq_len > model_config.max_position_embeddings:
+        problems.append(f"data.seq_len = {config.data.seq_len} is above the model's maximum of "
+                        f"{model_config.max_position_embeddings} positions; lower data.seq_len")
+    if problems:
+        raise DataError("The model and the data do not fit together:\n  - " + "\n  - ".join(problems))
+
+
+def build_model_for_run(config: RunConfig, explicit_model: dict[str, Any], data: PreparedData,
+                        device: torch.device) -> tuple[Transformer, Path]:
+    """An fp32 model on `device` (random from a preset/config, or loaded from init.checkpoint) that fits the data."""
+    if config.init.checkpoint:
+        source = Path(config.init.checkpoint)
+        model = load_model(source, dtype=torch.float32, device=device)
+        tokenizer_folder = source if (source / "tokenizer.json").is_file() else data.tokenizer_folder
+        check_model_fits_data(model.config, config, data, source if (source / "tokenizer.json").is_file() else None)
+    else:
+        model_config = resolve_model_config(config, explicit_model, data)
+        check_model_fits_data(model_config, config, data, None)
+        torch.manual_seed(config.train.seed)
+        model = Transformer(model_config)
+        model.init_weights(config.init.std)
+        model = model.to(device)
+        tokenizer_folder = data.tokenizer_folder
+    return model.train(), tokenizer_folder
+
+
+def enable_activation_checkpointing(model: Transformer) -> None:
+    """Recompute each block's activations during backward; the model file and state-dict names stay unchanged."""
+    for block in model.blocks:
+        forward = block.forward
+
+        def checkpointed(self, *args, _forward=forward):
+            return checkpoint(_forward, *args, use_reentrant=False)
+
+        block.forward = types.MethodType(checkpointed, block)
