@@ -106,3 +106,26 @@ def test_empty_and_missing_sources(prepared_data, tmp_path):
         prepare_data(str(tmp_path / "bad.jsonl"), prepared_data / "tokenizer", tmp_path / "out")
     with pytest.raises(DataError, match="not a prepared dataset"):
         PreparedData.open(tmp_path)
+
+
+def test_sources_read_txt_jsonl_parquet_folders_and_globs(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a.txt").write_text("plain text file")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"content": "from jsonl"}) + "\n\n" + json.dumps({"content": "two"}))
+    pq.write_table(pa.table({"content": ["from parquet", None, "three"]}), tmp_path / "c.parquet")
+    assert list(iter_documents(str(tmp_path / "b.jsonl"), "content")) == ["from jsonl", "two"]
+    assert list(iter_documents(str(tmp_path / "c.parquet"), "content")) == ["from parquet", "three"]
+    assert list(iter_documents(str(tmp_path / "*.parquet"), "content")) == ["from parquet", "three"]
+    assert len(list(iter_documents(str(tmp_path), "content"))) == 5
+    with pytest.raises(DataError, match="no column 'text'"):
+        list(iter_documents(str(tmp_path / "c.parquet")))
+
+
+def test_stdlib_corpus_is_present_without_download():
+    from tetra.data.sources import stdlib_files
+
+    files = stdlib_files()
+    assert len(files) > 300 and all(f.suffix == ".py" for f in files)
+    assert not any("site-packages" in f.parts for f in files)

@@ -193,3 +193,30 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(prepared_data, tmp_path):
     assert "stopped by SIGTERM" in err and "Traceback" not in err
     state = json.loads((Path(out.split("checkpoint ")[-1].strip()) / "trainer_state.json").read_text())
     assert 2 <= state["step"] < 100000
+
+
+def test_a_fresh_run_never_mixes_into_an_existing_one(prepared_data, tmp_path, capsys):
+    config, explicit = run_config(prepared_data, tmp_path / "run")
+    trainer.train(config, explicit, show_progress=False)
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    path = tmp_path / "run.toml"
+    path.write_text(config.to_toml())
+    from tetra.cli import main
+
+    capsys.readouterr()
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume auto" in err and "Traceback" not in err
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+
+
+def test_train_command_errors_exit_2(prepared_data, tmp_path, capsys):
+    from tetra.cli import main
+
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "missing.toml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    path = tmp_path / "run.toml"
+    path.write_text(f'[data]\npath = "{tmp_path / "nothing"}"\n[train]\nwarmup_steps = 1\nmax_steps = 2\n')
+    assert main(["train", str(path), f"run.dir={tmp_path / 'r'}"]) == 2
+    assert "is not a prepared dataset" in capsys.readouterr().err

@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if streaming:
         sys.stdout.write("\n")
+        sys.stdout.flush()
     else:
         for completion in completions:
             sys.stdout.write(f"--- {completion.prompt}\n{completion.prompt}{completion.text}\n")

@@ -1,4 +1,4 @@
-"""Documents from .txt / .jsonl files, folders and globs, and the built-in `stdlib` corpus.
+"""Documents from .txt / .jsonl / .parquet files, folders and globs, and the built-in `stdlib` corpus.
 
 Entry point: iter_documents(source, text_field) yields one string per document, in a fixed order.
 """
@@ -14,6 +14,7 @@ from pathlib import Path
 from tetra.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
+RECORD_SUFFIXES = (".jsonl", ".parquet")
 STDLIB = "stdlib"
 
 
@@ -32,7 +33,7 @@ def source_files(source: str) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + (".jsonl",))
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + RECORD_SUFFIXES)
     else:
         files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
     if not files:
@@ -57,11 +58,31 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
             yield record[text_field]
 
 
+def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as parquet
+    except ImportError:
+        raise DataError(f"Reading {path} needs pyarrow: pip install 'tetra[parquet]' (or pyarrow).") from None
+    try:
+        table = parquet.ParquetFile(path)
+    except Exception as error:  # pyarrow raises several types for damaged files
+        raise DataError(f"{path} is not a readable Parquet file ({error}).") from None
+    if text_field not in table.schema_arrow.names:
+        raise DataError(f"{path} has no column {text_field!r} (columns: {', '.join(table.schema_arrow.names)}). "
+                        "Choose the column that holds the text (--text-field).")
+    for batch in table.iter_batches(columns=[text_field], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            if isinstance(text, str):
+                yield text
+
+
 def iter_documents(source: str, text_field: str = "text") -> Iterator[str]:
-    """Every document of the source: a whole text file, or one .jsonl record."""
+    """Every document of the source: a whole text file, or one .jsonl / .parquet record."""
     for path in source_files(source):
         if path.suffix == ".jsonl":
             yield from _jsonl_documents(path, text_field)
+        elif path.suffix == ".parquet":
+            yield from _parquet_documents(path, text_field)
         else:
             text = path.read_text(encoding="utf-8", errors="replace")
             if text.strip():

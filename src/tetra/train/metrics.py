@@ -86,6 +86,13 @@ class MetricsSink:
             self.tensorboard.close()
 
 
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop records logged after the checkpoint, so every step appears once."""
+    records = [r for r in read_metrics(path) if r["step"] <= last_step]
+    if path.is_file():
+        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []

@@ -24,7 +24,7 @@ from tetra.files import write_json
 from tetra.model import Transformer
 from tetra.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tetra.train.losses import next_token_loss
-from tetra.train.metrics import MetricsSink, flops_per_token, peak_flops, plot_losses
+from tetra.train.metrics import MetricsSink, flops_per_token, peak_flops, plot_losses, truncate_metrics
 from tetra.train.optim import build_optimizer, lr_at, set_lr
 from tetra.train.precision import choose_autocast_dtype
 from tetra.train.progress import ProgressReporter
@@ -109,6 +109,9 @@ def _open_batches(config: RunConfig, data: PreparedData) -> tuple[PackedBatches,
 
 def _resume_folder(resume: str | None, run_dir: Path) -> Path | None:
     if not resume:
+        if (run_dir / "metrics.jsonl").exists() or latest_checkpoint(run_dir):
+            raise TetraError(f"{run_dir} already holds a run. Continue it with --resume auto, or start a new one "
+                             "in another folder (run.dir=...) or after removing this one.")
         return None
     if resume == "auto":
         return latest_checkpoint(run_dir)
@@ -137,11 +140,12 @@ def train(config: RunConfig, explicit_model: dict[str, Any], resume: str | None 
           show_progress: bool = True) -> TrainResult:
     """Run (or resume) training as configured; the run folder gets config.toml, metrics.jsonl, checkpoints, loss.png."""
     run_dir = Path(config.run.dir)
-    loop, tokenizer_folder = build_loop(config, explicit_model)
     resume_from = _resume_folder(resume, run_dir)
+    loop, tokenizer_folder = build_loop(config, explicit_model)
     start_step = 0
     if resume_from is not None:
         start_step = load_checkpoint(resume_from, loop.model, loop.optimizer)["step"]
+        truncate_metrics(run_dir / "metrics.jsonl", start_step)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_toml = config.to_toml()
     (run_dir / "config.toml").write_text(config_toml, encoding="utf-8")
