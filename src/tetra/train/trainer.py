@@ -58,6 +58,7 @@ class Loop:
     train_batches: PackedBatches
     val_batches: PackedBatches | None
     autocast_dtype: torch.dtype | None
+    precision_reason: str
     device: torch.device
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -131,9 +132,10 @@ def build_loop(config: RunConfig, explicit_model: dict[str, Any]) -> tuple[Loop,
         enable_activation_checkpointing(model)
     forward_model = torch.compile(model) if config.train.compile else model
     optimizer = build_optimizer(model, config.train)
-    autocast_dtype, _ = choose_autocast_dtype(config.train.precision, device)
-    return Loop(config, model, forward_model, optimizer, train_batches, val_batches, autocast_dtype, device), \
-        tokenizer_folder
+    autocast_dtype, precision_reason = choose_autocast_dtype(config.train.precision, device)
+    loop = Loop(config, model, forward_model, optimizer, train_batches, val_batches, autocast_dtype, precision_reason,
+                device)
+    return loop, tokenizer_folder
 
 
 def train(config: RunConfig, explicit_model: dict[str, Any], resume: str | None = None,
@@ -149,10 +151,9 @@ def train(config: RunConfig, explicit_model: dict[str, Any], resume: str | None 
     run_dir.mkdir(parents=True, exist_ok=True)
     config_toml = config.to_toml()
     (run_dir / "config.toml").write_text(config_toml, encoding="utf-8")
-    precision = choose_autocast_dtype(config.train.precision, loop.device)[1]
     peak, peak_source = peak_flops(loop.device, loop.autocast_dtype or torch.float32)
     write_json(run_dir / "run_info.json", {
-        "parameters": sum(p.numel() for p in loop.model.parameters()), "precision": precision,
+        "parameters": sum(p.numel() for p in loop.model.parameters()), "precision": loop.precision_reason,
         "peak_flops": peak, "peak_source": peak_source, "device": str(loop.device), "resumed_from": str(resume_from)})
     sink = MetricsSink(run_dir)
     tokens_per_step = config.train.batch_size * config.train.grad_accum * config.data.seq_len
@@ -166,7 +167,7 @@ def train(config: RunConfig, explicit_model: dict[str, Any], resume: str | None 
 
     step, loss, saved, stopped_by = start_step, float("nan"), None, None
     reporter = ProgressReporter(config.train.max_steps, start_step, enabled=show_progress)
-    interval_start, interval_steps = time.perf_counter(), 0
+    interval_start, interval_steps, interval_loss = time.perf_counter(), 0, 0.0
     with StopRequest() as stop, reporter:
         while step < config.train.max_steps:
             loss, grad_norm = loop.step(step)
@@ -178,15 +179,18 @@ def train(config: RunConfig, explicit_model: dict[str, Any], resume: str | None 
                     "set train.grad_clip, then resume from it with --resume auto.")
             step += 1
             interval_steps += 1
+            interval_loss += loss
             record: dict[str, Any] = {"step": step, "loss": loss, "lr": lr_at(step - 1, config.train),
                                       "grad_norm": grad_norm}
             if step % config.run.log_every == 0 or step == config.train.max_steps:
                 seconds = time.perf_counter() - interval_start
-                record.update(tokens_per_s=tokens_per_step * interval_steps / seconds,
+                # The logged loss is the mean since the previous log line: one step alone is too noisy to read.
+                record.update(loss=interval_loss / interval_steps,
+                              tokens_per_s=tokens_per_step * interval_steps / seconds,
                               tflops=step_flops * interval_steps / seconds / 1e12,
                               mfu=step_flops * interval_steps / seconds / peak,
                               epoch=loop.train_batches.epoch_of(step * config.train.grad_accum))
-                interval_start, interval_steps = time.perf_counter(), 0
+                interval_start, interval_steps, interval_loss = time.perf_counter(), 0, 0.0
             if (config.eval.every and step % config.eval.every == 0) or step == config.train.max_steps:
                 val_loss = loop.evaluate()
                 if val_loss is not None:
