@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO := demo
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-slow lint bench clean
 
 $(BIN)/tetra: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,11 +29,16 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
+# Tests too long for every edit-test cycle (torch.compile, ...); CI runs them too.
+test-slow: install
+	$(BIN)/python -m pytest -m slow
+
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 
 bench: install
 	$(BIN)/python benchmarks/generate_throughput.py
+	$(BIN)/python benchmarks/train_throughput.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .ruff_cache

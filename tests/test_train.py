@@ -220,3 +220,19 @@ def test_train_command_errors_exit_2(prepared_data, tmp_path, capsys):
     path.write_text(f'[data]\npath = "{tmp_path / "nothing"}"\n[train]\nwarmup_steps = 1\nmax_steps = 2\n')
     assert main(["train", str(path), f"run.dir={tmp_path / 'r'}"]) == 2
     assert "is not a prepared dataset" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(prepared_data, tmp_path):
+    eager = trainer.train(*run_config(prepared_data, tmp_path / "eager", train={"max_steps": 3, "warmup_steps": 1}),
+                          show_progress=False)
+    compiled = trainer.train(*run_config(prepared_data, tmp_path / "compiled",
+                                         train={"max_steps": 3, "warmup_steps": 1, "compile": True}),
+                             show_progress=False)
+    assert compiled.last_loss == pytest.approx(eager.last_loss, rel=1e-4)
+
+
+def test_tensorboard_events_when_installed(prepared_data, tmp_path):
+    pytest.importorskip("tensorboard")
+    trainer.train(*run_config(prepared_data, tmp_path / "run"), show_progress=False)
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))

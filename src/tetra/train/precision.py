@@ -23,7 +23,7 @@ def choose_autocast_dtype(precision: str, device: torch.device) -> tuple[torch.d
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16, "bf16 autocast (GPU)"
         return None, "fp32 (this GPU has no bf16)"
-    speedup = measured_gemm_flops(torch.bfloat16, device, 1024, 3) / measured_gemm_flops(torch.float32, device, 1024, 3)
+    speedup = measured_gemm_flops(torch.bfloat16, device, 1024) / measured_gemm_flops(torch.float32, device, 1024)
     if speedup >= CPU_BF16_MIN_SPEEDUP:
         return torch.bfloat16, f"bf16 autocast (bf16 GEMM measured {speedup:.1f}x faster than fp32 on this CPU)"
     return None, f"fp32 (bf16 GEMM only {speedup:.1f}x faster on this CPU)"
