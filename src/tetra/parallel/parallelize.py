@@ -1,0 +1,100 @@
+"""parallelize(model, grid): swap a Transformer's layers for tensor-parallel ones in place (the model file is not
+edited), then the helpers a training step needs: gradient sync, the global gradient norm, and full state dicts.
+
+Entry points: parallelize, sync_gradients, clip_global_grad_norm, full_state_dict, parallel_next_token_loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from tetra.model import Transformer
+from tetra.parallel.collectives import all_reduce
+from tetra.parallel.grid import ProcessGrid, check_grid
+from tetra.parallel.layout import unshard
+from tetra.parallel.tensor_parallel import (
+    ColumnSplitEmbedding,
+    ParallelNorm,
+    TensorParallelLinear,
+    TiedHead,
+    VocabParallelEmbedding,
+    vocab_parallel_cross_entropy,
+)
+from tetra.train.losses import IGNORE_INDEX
+
+
+def parallelize(model: Transformer, grid: ProcessGrid) -> Transformer:
+    """Replace every layer by its grid-split version. Attention heads and the MLP width are split over rows, the
+    hidden state over columns; q/k/v, gate/up and the head are 'normal' layers, o and down 'transposed' ones, so
+    no activation is ever re-laid out between them."""
+    check_grid(grid.shape, model.config)
+    width = model.config.hidden_size
+    tied = model.config.tie_embeddings
+    model.embed = VocabParallelEmbedding(model.embed, grid)
+    if model.pos_embed is not None:
+        model.pos_embed = ColumnSplitEmbedding(model.pos_embed, grid)
+    for block in model.blocks:
+        block.attn_norm = ParallelNorm(block.attn_norm, grid, width)
+        block.mlp_norm = ParallelNorm(block.mlp_norm, grid, width)
+        for name in ("q", "k", "v"):
+            setattr(block.attn, name, TensorParallelLinear(getattr(block.attn, name), grid, transposed=False))
+        block.attn.o = TensorParallelLinear(block.attn.o, grid, transposed=True)
+        for name in ("gate", "up"):
+            if getattr(block.mlp, name) is not None:
+                setattr(block.mlp, name, TensorParallelLinear(getattr(block.mlp, name), grid, transposed=False))
+        block.mlp.down = TensorParallelLinear(block.mlp.down, grid, transposed=True)
+    model.norm = ParallelNorm(model.norm, grid, width)
+    model.head = TiedHead(model.embed, grid) if tied else TensorParallelLinear(model.head, grid, transposed=False)
+    return model
+
+
+def sync_gradients(model: nn.Module, grid: ProcessGrid) -> None:
+    """Sum gradients over the ranks that saw other samples: depth-sharded weights were already summed over depth by
+    their reduce-scatter, so only over data; everything else (replicated over depth) over data x depth."""
+    for parameter in model.parameters():
+        if parameter.grad is None:
+            continue
+        layout = getattr(parameter, "tetra_layout", None)
+        group = grid.groups["data"] if layout is not None and layout.depth else grid.groups["batch"]
+        all_reduce(parameter.grad, group)
+
+
+def clip_global_grad_norm(model: nn.Module, grid: ProcessGrid, max_norm: float) -> float:
+    """Clip to the norm of the whole (unsharded) gradient; each replicated piece is counted once."""
+    total = torch.zeros((), dtype=torch.float64)
+    for parameter in model.parameters():
+        if parameter.grad is None:
+            continue
+        layout = getattr(parameter, "tetra_layout", None)
+        copies = layout.copies(grid) if layout is not None else grid.size("model")
+        total += parameter.grad.detach().double().pow(2).sum().cpu() / copies
+    norm = math.sqrt(float(all_reduce(total, grid.groups["model"])))
+    if max_norm > 0 and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for parameter in model.parameters():
+            if parameter.grad is not None:
+                parameter.grad.mul_(scale)
+    return norm
+
+
+def full_state_dict(model: nn.Module, grid: ProcessGrid, gradients: bool = False) -> dict[str, torch.Tensor]:
+    """Every parameter (or its gradient) as the full, unsplit tensor, on every rank, under its single-process name."""
+    state = {}
+    for name, parameter in model.named_parameters():
+        value = parameter.grad if gradients else parameter.data
+        layout = getattr(parameter, "tetra_layout", None)
+        state[name] = value.detach().clone() if layout is None else unshard(value.detach(), layout, grid)
+    return state
+
+
+def parallel_next_token_loss(model: Transformer, tokens: torch.Tensor, grid: ProcessGrid,
+                             global_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to backpropagate, this rank's loss sum). Dividing by the global label count makes the gradients,
+    summed over the batch group, those of the mean loss over the whole global batch."""
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    per_token = vocab_parallel_cross_entropy(model(inputs), labels, grid, IGNORE_INDEX)
+    loss_sum = per_token.sum()
+    return loss_sum / global_labels, loss_sum.detach()

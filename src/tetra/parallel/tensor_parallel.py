@@ -1,0 +1,177 @@
+"""Tensor-parallel layers: Linear split over row and column and sharded over depth, vocabulary-parallel embedding,
+norms over a column-split hidden state, and a vocabulary-parallel cross-entropy.
+
+Entry points: TensorParallelLinear, VocabParallelEmbedding, ColumnSplitEmbedding, ParallelNorm, TiedHead,
+vocab_parallel_cross_entropy. Activations between blocks are split over the column group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tetra.parallel.collectives import (
+    all_gather_flat,
+    all_reduce,
+    reduce_backward,
+    reduce_both_ways,
+    reduce_forward,
+    reduce_scatter_flat,
+)
+from tetra.parallel.grid import ProcessGrid
+from tetra.parallel.layout import Layout, shard
+
+
+def sharded_parameter(full: torch.Tensor, layout: Layout, grid: ProcessGrid) -> nn.Parameter:
+    """A Parameter holding this rank's piece, tagged with its layout (used for gathering and global norms)."""
+    parameter = nn.Parameter(shard(full, layout, grid))
+    parameter.tetra_layout = layout
+    return parameter
+
+
+class _DepthGather(torch.autograd.Function):
+    """All-gather a weight shard over depth in forward; reduce-scatter its gradient in backward (ZeRO-3 in TP)."""
+
+    @staticmethod
+    def forward(ctx, shard_: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return all_gather_flat(shard_, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return reduce_scatter_flat(grad.contiguous(), ctx.group), None
+
+
+class TensorParallelLinear(nn.Module):
+    """Y = X W^T + b with W[out, in] split: in-features over the column group and out-features over the row group
+    (transposed: the other way round), the [out, in] block then sharded over depth.
+
+    Input: the in-feature chunk of this rank. Output: the out-feature chunk, identical across the in-feature group.
+    """
+
+    def __init__(self, linear: nn.Linear, grid: ProcessGrid, transposed: bool) -> None:
+        super().__init__()
+        self.grid = grid
+        self.in_group = grid.groups["row" if transposed else "col"]
+        self.out_group = grid.groups["col" if transposed else "row"]
+        # W is [out, in]: normally out over rows and in over columns; transposed layers swap the two roles.
+        weight_layout = Layout(tuple(linear.weight.shape), row_dim=1 if transposed else 0,
+                               col_dim=0 if transposed else 1, depth=True)
+        self.block_shape = weight_layout.block_shape(grid)
+        self.weight = sharded_parameter(linear.weight.data, weight_layout, grid)
+        self.bias = None
+        if linear.bias is not None:
+            bias_layout = Layout(tuple(linear.bias.shape), col_dim=0) if transposed else \
+                Layout(tuple(linear.bias.shape), row_dim=0)
+            self.bias = sharded_parameter(linear.bias.data, bias_layout, grid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = reduce_backward(x, self.out_group)  # each out-feature group member sends back part of dX
+        numel = self.block_shape[0] * self.block_shape[1]
+        flat = self.weight if self.grid.size("depth") == 1 else _DepthGather.apply(self.weight,
+                                                                                  self.grid.groups["depth"])
+        weight = flat[:numel].view(self.block_shape)
+        y = reduce_forward(F.linear(x, weight), self.in_group)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embedding with rows (vocabulary) over the row group and columns (hidden) over the column group."""
+
+    def __init__(self, embedding: nn.Embedding, grid: ProcessGrid) -> None:
+        super().__init__()
+        self.grid = grid
+        vocab = embedding.weight.shape[0]
+        self.per_rank = vocab // grid.size("row")
+        self.start = grid.index("row") * self.per_rank
+        self.weight = sharded_parameter(embedding.weight.data, Layout(tuple(embedding.weight.shape), 0, 1), grid)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.start
+        inside = (local >= 0) & (local < self.per_rank)
+        rows = F.embedding(local.clamp(0, self.per_rank - 1), self.weight) * inside.unsqueeze(-1)
+        return reduce_forward(rows, self.grid.groups["row"])
+
+
+class ColumnSplitEmbedding(nn.Module):
+    """Learned position embedding: hidden split over the column group, every position on every rank."""
+
+    def __init__(self, embedding: nn.Embedding, grid: ProcessGrid) -> None:
+        super().__init__()
+        self.weight = sharded_parameter(embedding.weight.data, Layout(tuple(embedding.weight.shape), None, 1), grid)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        return F.embedding(positions, self.weight)
+
+
+class TiedHead(nn.Module):
+    """Output head that reuses the vocabulary-parallel embedding table (same layout: vocab x row, hidden x col)."""
+
+    def __init__(self, embedding: VocabParallelEmbedding, grid: ProcessGrid) -> None:
+        super().__init__()
+        self.grid = grid
+        self._embedding = [embedding]  # a list, so the shared table is not registered (and saved) twice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = reduce_backward(x, self.grid.groups["row"])
+        return reduce_forward(F.linear(x, self._embedding[0].weight), self.grid.groups["col"])
+
+
+class ParallelNorm(nn.Module):
+    """RMSNorm or LayerNorm of a hidden state split over the column group: statistics are summed over the group."""
+
+    def __init__(self, norm: nn.Module, grid: ProcessGrid, width: int) -> None:
+        super().__init__()
+        self.group, self.width = grid.groups["col"], width
+        self.eps = norm.eps
+        self.weight = sharded_parameter(norm.weight.data, Layout((width,), None, 0), grid)
+        self.bias = None
+        if getattr(norm, "bias", None) is not None:
+            self.bias = sharded_parameter(norm.bias.data, Layout((width,), None, 0), grid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype, x = x.dtype, x.float()
+        if self.bias is None:  # RMSNorm
+            mean_square = reduce_both_ways(x.pow(2).sum(-1, keepdim=True), self.group) / self.width
+            return self.weight * (x * torch.rsqrt(mean_square + self.eps)).to(dtype)
+        mean = reduce_both_ways(x.sum(-1, keepdim=True), self.group) / self.width
+        centered = x - mean
+        variance = reduce_both_ways(centered.pow(2).sum(-1, keepdim=True), self.group) / self.width
+        return (centered * torch.rsqrt(variance + self.eps)).to(dtype) * self.weight + self.bias
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy from logits split over the vocabulary; the full logits never exist on one rank."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, start: int, group, ignore_index: int):
+        maximum = all_reduce(logits.max(dim=-1).values, group, torch.distributed.ReduceOp.MAX)
+        shifted = logits - maximum.unsqueeze(-1)
+        exp = shifted.exp()
+        sum_exp = all_reduce(exp.sum(dim=-1), group)
+        local = labels - start
+        inside = (local >= 0) & (local < logits.shape[-1]) & (labels != ignore_index)
+        picked = shifted.gather(-1, local.clamp(0, logits.shape[-1] - 1).unsqueeze(-1)).squeeze(-1) * inside
+        target = all_reduce(picked, group)
+        counted = labels != ignore_index
+        loss = (sum_exp.log() - target) * counted
+        ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), local.clamp(0, logits.shape[-1] - 1), inside, counted)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        softmax, local, inside, counted = ctx.saved_tensors
+        grad_logits = softmax.clone()
+        grad_logits.scatter_add_(-1, local.unsqueeze(-1), -inside.to(softmax.dtype).unsqueeze(-1))
+        grad_logits *= (grad * counted).unsqueeze(-1)
+        return grad_logits, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, grid: ProcessGrid,
+                                 ignore_index: int = -100) -> torch.Tensor:
+    """Per-token losses (0 at ignored labels) from this rank's vocabulary slice of the logits."""
+    start = grid.index("row") * logits.shape[-1]
+    flat = _VocabParallelCrossEntropy.apply(logits.float().flatten(0, -2), labels.flatten(), start,
+                                            grid.groups["row"], ignore_index)
+    return flat.view(labels.shape)

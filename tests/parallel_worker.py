@@ -1,0 +1,106 @@
+"""Worker for the multi-process equality tests: each grid vs one process on the same global batch (gloo, CPU, fp32).
+
+Entry point: check_grids(rank, world, port, cases, out_path), started by torch.multiprocessing.spawn.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from tetra.model import ModelConfig, Transformer
+from tetra.parallel.collectives import all_reduce
+from tetra.parallel.grid import GridShape, ProcessGrid
+from tetra.parallel.parallelize import (
+    clip_global_grad_norm,
+    full_state_dict,
+    parallel_next_token_loss,
+    parallelize,
+    sync_gradients,
+)
+from tetra.train.losses import next_token_loss
+
+MODELS = {
+    "llama": dict(vocab_size=64, hidden_size=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=48,
+                  max_position_embeddings=32),
+    "gpt2": dict(family="gpt2", vocab_size=64, hidden_size=32, n_layers=2, n_heads=4, intermediate_size=64,
+                 max_position_embeddings=32, norm="layernorm", activation="gelu_tanh", gated_mlp=False,
+                 positions="learned", qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True),
+    # Odd sizes: depth shards of 729-value blocks need zero padding.
+    "odd": dict(vocab_size=63, hidden_size=27, n_layers=1, n_heads=3, intermediate_size=45, max_position_embeddings=32,
+                qkv_bias=True, positions="learned"),
+}
+GLOBAL_BATCH, SEQ, STEPS, MAX_NORM = 8, 8, 5, 0.5
+
+
+def _max_error(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> float:
+    """Largest per-tensor error relative to the tensor's own scale, floored at 1% of the largest tensor's scale.
+
+    The floor matters for tensors whose exact value is zero: the key bias gradient (a constant added to every key
+    cancels in the softmax) is pure rounding noise, which no two summation orders reproduce."""
+    floor = 0.01 * max(float(t.abs().max()) for t in expected.values())
+    return max(float((actual[n] - t).abs().max()) / max(float(t.abs().max()), floor) for n, t in expected.items())
+
+
+def _reference_and_parallel(model_name: str, grid: ProcessGrid):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**MODELS[model_name]))
+    model.init_weights(std=0.2)
+    with torch.no_grad():  # non-zero biases and norm weights, so their gradients are really tested
+        for parameter in model.parameters():
+            if parameter.dim() == 1:
+                parameter.add_(torch.randn_like(parameter) * 0.1)
+    return model, parallelize(copy.deepcopy(model), grid)
+
+
+def _check(model_name: str, shape: GridShape) -> dict:
+    grid = ProcessGrid.build(shape)
+    reference, parallel = _reference_and_parallel(model_name, grid)
+    vocab = MODELS[model_name]["vocab_size"]
+    tokens = torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
+    local = tokens.chunk(grid.size("batch"))[grid.index("batch")]
+    labels = tokens[:, 1:].numel()
+    # eps well above fp32 noise: with eps = 1e-8, Adam turns a rounding-level gradient (the key bias again) into a
+    # full-size update whose sign depends on the rounding, and no two implementations could agree.
+    ref_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1, eps=1e-3)
+    par_optimizer = torch.optim.AdamW(parallel.parameters(), lr=1e-2, weight_decay=0.1, eps=1e-3)
+    result = {"model": model_name, "grid": shape.__dict__}
+    for step in range(STEPS):
+        ref_loss, _ = next_token_loss(reference, tokens)
+        ref_loss.backward()
+        loss, loss_sum = parallel_next_token_loss(parallel, local, grid, labels)
+        loss.backward()
+        sync_gradients(parallel, grid)
+        global_loss = float(all_reduce(loss_sum.clone(), grid.groups["batch"])) / labels
+        if step == 0:
+            ref_grads = {n: p.grad for n, p in reference.named_parameters()}
+            par_grads = full_state_dict(parallel, grid, gradients=True)
+            result["loss_error"] = abs(global_loss - ref_loss.item()) / abs(ref_loss.item())
+            result["grad_error"] = _max_error(par_grads, ref_grads)
+            result["grad_names_match"] = sorted(par_grads) == sorted(ref_grads)
+        ref_norm = float(torch.nn.utils.clip_grad_norm_(reference.parameters(), MAX_NORM))
+        par_norm = clip_global_grad_norm(parallel, grid, MAX_NORM)
+        result["norm_error"] = max(result.get("norm_error", 0.0), abs(par_norm - ref_norm) / ref_norm)
+        for optimizer in (ref_optimizer, par_optimizer):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    ref_params = {n: p.detach() for n, p in reference.named_parameters()}
+    result["param_error"] = _max_error(full_state_dict(parallel, grid), ref_params)
+    return result
+
+
+def check_grids(rank: int, world: int, port: int, cases: list, out_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = [_check(model_name, GridShape(**shape)) for model_name, shape in cases]
+        if rank == 0:
+            with open(out_path, "w") as handle:
+                json.dump(results, handle)
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,52 @@
+"""4D grids equal one process: loss, every gradient and 5 AdamW steps with global-norm clipping (gloo, CPU, fp32).
+
+Each test spawns one set of processes and checks several grids with a Llama-style model (GQA, no bias) and a
+GPT-2-style one (biases in both layer layouts, LayerNorm, learned positions, tied head).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import torch.multiprocessing as mp
+
+from parallel_worker import check_grids
+
+TOLERANCE = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _run(world: int, grids: list[dict], tmp_path, extra_cases: tuple = ()) -> list[dict]:
+    cases = [(model, grid) for grid in grids for model in ("llama", "gpt2")] + list(extra_cases)
+    out = tmp_path / "results.json"
+    mp.spawn(check_grids, args=(world, _free_port(), cases, str(out)), nprocs=world, join=True)
+    return json.loads(out.read_text())
+
+
+def _assert_equal(results: list[dict]) -> None:
+    for result in results:
+        label = f"{result['model']} {result['grid']}"
+        assert result["grad_names_match"], label
+        for key in ("loss_error", "grad_error", "norm_error", "param_error"):
+            assert result[key] <= TOLERANCE, f"{label}: {key} = {result[key]:.2e}"
+
+
+def test_two_rank_grids(tmp_path):
+    grids = [dict(data=2), dict(depth=2), dict(row=2), dict(col=2)]
+    _assert_equal(_run(2, grids, tmp_path, extra_cases=[("odd", dict(depth=2))]))
+
+
+def test_four_rank_grids(tmp_path):
+    grids = [dict(row=2, col=2), dict(depth=2, row=2), dict(data=2, col=2)]
+    _assert_equal(_run(4, grids, tmp_path))
+
+
+def test_eight_rank_grids(tmp_path):
+    grids = [dict(data=2, depth=2, row=2), dict(row=2, col=2, depth=2)]
+    _assert_equal(_run(8, grids, tmp_path))
