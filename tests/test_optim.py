@@ -67,3 +67,24 @@ def test_activation_checkpointing_changes_memory_not_results():
     assert list(plain.state_dict()) == list(checkpointed.state_dict())
     for a, b in zip(plain.parameters(), checkpointed.parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, atol=1e-7)
+
+
+def test_parallelized_linears_keep_their_weight_decay():
+    import os
+
+    import torch.distributed as dist
+
+    from tetra.parallel.grid import GridShape, ProcessGrid
+    from tetra.parallel.parallelize import parallelize
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29541")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        plain = _model()
+        names = lambda group, model: sorted(n for n, p in model.named_parameters()  # noqa: E731
+                                            if any(p is q for q in group["params"]))
+        expected = names(parameter_groups(plain, 0.1)[0], plain)
+        parallel = parallelize(_model(), ProcessGrid.build(GridShape()))
+        assert names(parameter_groups(parallel, 0.1)[0], parallel) == expected
+    finally:
+        dist.destroy_process_group()

@@ -24,7 +24,8 @@ TINY_MODEL = {"hidden_size": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "
               "max_position_embeddings": 64}
 
 
-def run_config(data_path: Path, run_dir: Path, model: dict | None = None, **sections):
+def run_values(data_path: Path, run_dir: Path, model: dict | None = None, **sections) -> dict:
+    """The nested dict a TOML file would hold for a tiny run."""
     values = {"model": dict(TINY_MODEL if model is None else model),
               "data": {"path": str(data_path), "seq_len": 16},
               "train": {"max_steps": 6, "batch_size": 4, "grad_accum": 2, "lr": 1e-2, "warmup_steps": 2,
@@ -34,6 +35,11 @@ def run_config(data_path: Path, run_dir: Path, model: dict | None = None, **sect
                       "device": "cpu"}}
     for section, changes in sections.items():
         values.setdefault(section, {}).update(changes)
+    return values
+
+
+def run_config(data_path: Path, run_dir: Path, model: dict | None = None, **sections):
+    values = run_values(data_path, run_dir, model, **sections)
     return build_run_config(values), values["model"]
 
 
@@ -80,7 +86,13 @@ def test_run_folder_contents(prepared_data, tmp_path):
     config, explicit = run_config(prepared_data, tmp_path / "run")
     result = trainer.train(config, explicit, show_progress=False)
     run_dir = tmp_path / "run"
-    assert build_run_config(tomllib.loads((run_dir / "config.toml").read_text())) == config
+    recorded = build_run_config(tomllib.loads((run_dir / "config.toml").read_text()))
+    assert (recorded.train, recorded.data, recorded.eval, recorded.run) == (config.train, config.data, config.eval,
+                                                                           config.run)
+    from tetra.data.shards import PreparedData
+
+    vocab = PreparedData.open(prepared_data).vocab_size
+    assert recorded.model.vocab_size == vocab and recorded.model.hidden_size == 32  # the model as built
     records = read_metrics(run_dir / "metrics.jsonl")
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu"} <= set(records[-1])
     assert {"val_loss", "val_perplexity"} <= set(records[2])

@@ -68,6 +68,16 @@ class EvalConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """The 4D grid (launch with torchrun); 0 means infer: tensor dimensions 1, data takes the remaining ranks."""
+
+    data: int = 0  # data-parallel replicas (each sees other samples)
+    depth: int = 0  # ranks that shard each weight block (like FSDP inside the tensor-parallel block); other samples
+    row: int = 0  # splits attention heads, the MLP width and the vocabulary
+    col: int = 0  # splits the hidden size (innermost: the fastest links)
+
+
+@dataclass
 class RunSection:
     """Where the run writes and how often."""
 
@@ -87,6 +97,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     run: RunSection = field(default_factory=RunSection)
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,6 +205,8 @@ def validate_run_config(config: RunConfig, explicit_model: dict[str, Any]) -> li
                         ("run.log_every", config.run.log_every), ("run.keep_checkpoints", config.run.keep_checkpoints)):
         if value < 1:
             problems.append(f"{name} must be at least 1 (got {value})")
+    problems += [f"parallel.{name} must be >= 0 (got {value})" for name, value in vars(config.parallel).items()
+                 if value < 0]
     if train.lr <= 0:
         problems.append(f"train.lr must be positive (got {train.lr})")
     if not 0 <= train.min_lr_ratio <= 1:
@@ -206,8 +219,6 @@ def validate_run_config(config: RunConfig, explicit_model: dict[str, Any]) -> li
         problems.append("data.path is empty: set it to a folder made by `tetra data prepare`")
     if config.init.preset and config.init.checkpoint:
         problems.append("set init.preset or init.checkpoint, not both")
-    if config.init.checkpoint and explicit_model:
-        problems.append("[model] keys cannot change the shape of init.checkpoint's model; remove them")
     return problems
 
 

@@ -9,6 +9,7 @@ import argparse
 
 from tetra.commands.common import print_json
 from tetra.config import load_run_config
+from tetra.train.distributed import is_main_rank, stop_distributed
 from tetra.train.trainer import train
 
 EXAMPLES = """examples:
@@ -31,7 +32,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config, explicit_model = load_run_config(args.config, args.overrides)
-    result = train(config, explicit_model, resume=args.resume, show_progress=not args.no_progress)
+    try:
+        result = train(config, explicit_model, resume=args.resume, show_progress=not args.no_progress)
+        main = is_main_rank()  # asked before the process group is gone
+    finally:
+        stop_distributed()
+    if not main:
+        return 0
     summary = {"run_dir": str(result.run_dir), "step": result.step, "loss": result.last_loss,
                "checkpoint": str(result.checkpoint), "stopped_by": result.stopped_by}
     if args.json:

@@ -32,7 +32,7 @@ class ModelConfig:
     """Shape and flavour of a decoder-only transformer; the defaults are a tiny Llama."""
 
     family: str = "llama"  # which Hugging Face architecture this maps to: llama | qwen2 | mistral | gpt2 | opt
-    vocab_size: int = 32000  # rows of the token embedding
+    vocab_size: int = 0  # rows of the token embedding; 0 = the tokenizer's vocabulary (set when training)
     hidden_size: int = 256  # model width
     n_layers: int = 4  # number of transformer blocks
     n_heads: int = 4  # query heads

@@ -148,10 +148,15 @@ def _saved_config(model: Transformer) -> ModelConfig:
     return config
 
 
-def write_model_files(model: Transformer, folder: Path, tokenizer_from: str | Path | None = None) -> None:
-    """model_config.json + model.safetensors (+ tokenizer files) into an existing folder."""
-    write_json(folder / TETRA_CONFIG, _saved_config(model).to_dict())
-    write_tensors(_state_for_saving(model), folder)
+def write_model_files(model: Transformer, folder: Path, tokenizer_from: str | Path | None = None,
+                      state: dict[str, torch.Tensor] | None = None) -> None:
+    """model_config.json + model.safetensors (+ tokenizer files) into an existing folder. `state` replaces the
+    model's own tensors (a parallel model passes its gathered full tensors)."""
+    config = _saved_config(model)
+    if state is not None:
+        config.dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    write_json(folder / TETRA_CONFIG, config.to_dict())
+    write_tensors(_state_for_saving(model) if state is None else state, folder)
     _copy_tokenizer_files(Path(tokenizer_from) if tokenizer_from else None, folder)
 
 

@@ -11,6 +11,10 @@ import torch
 from torch import nn
 
 from tetra.config import TrainConfig
+from tetra.parallel.tensor_parallel import TensorParallelLinear
+
+# Modules whose weight is a matrix to decay: plain and tensor-parallel (its shard is flat, but still a matrix).
+LINEAR_TYPES = (nn.Linear, TensorParallelLinear)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -21,7 +25,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             if id(parameter) in seen or not parameter.requires_grad:
                 continue
             seen.add(id(parameter))
-            is_matrix = isinstance(module, nn.Linear) and name == "weight" and parameter is not _tied_embedding(model)
+            is_matrix = (isinstance(module, LINEAR_TYPES) and name == "weight"
+                         and parameter is not _tied_embedding(model))
             (decay if is_matrix else no_decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

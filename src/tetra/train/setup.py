@@ -33,10 +33,26 @@ def resolve_model_config(config: RunConfig, explicit_model: dict[str, Any], data
         values.update(dataclasses.asdict(config.model))
     values.update({key: getattr(config.model, key) for key in explicit_model})
     tokenizer = TextTokenizer.load(data.tokenizer_folder)
-    if "vocab_size" not in explicit_model:
+    if not explicit_model.get("vocab_size"):
         values["vocab_size"] = data.vocab_size
     values.update(eos_token_id=tokenizer.eos_id, bos_token_id=tokenizer.bos_id, pad_token_id=tokenizer.pad_id)
     return ModelConfig.from_dict(values)
+
+
+# Keys a checkpoint's own config may legitimately differ in from a [model] table (ids come from the tokenizer,
+# the dtype is the storage dtype, not the fp32 training dtype).
+IGNORED_WHEN_COMPARING = {"eos_token_id", "bos_token_id", "pad_token_id", "dtype", "dropout"}
+
+
+def _check_explicit_keys_agree(loaded: ModelConfig, explicit_model: dict[str, Any], source: Path) -> None:
+    """[model] keys next to init.checkpoint may only restate the checkpoint's shape (as a run's config.toml does)."""
+    resolved = dataclasses.asdict(loaded)
+    different = [f"model.{key} = {value!r} but the checkpoint has {resolved[key]!r}"
+                 for key, value in explicit_model.items() if key not in IGNORED_WHEN_COMPARING
+                 and key in resolved and value != resolved[key] and not (key == "vocab_size" and value == 0)]
+    if different:
+        raise ConfigError(f"[model] disagrees with init.checkpoint = {source}: " + "; ".join(different)
+                          + ". Remove these keys: a checkpoint's shape cannot change.")
 
 
 def check_model_fits_data(model_config: ModelConfig, config: RunConfig, data: PreparedData,
@@ -64,6 +80,7 @@ def build_model_for_run(config: RunConfig, explicit_model: dict[str, Any], data:
     if config.init.checkpoint:
         source = Path(config.init.checkpoint)
         model = load_model(source, dtype=torch.float32, device=device)
+        _check_explicit_keys_agree(model.config, explicit_model, source)
         tokenizer_folder = source if (source / "tokenizer.json").is_file() else data.tokenizer_folder
         check_model_fits_data(model.config, config, data, source if (source / "tokenizer.json").is_file() else None)
     else:

@@ -6,6 +6,7 @@ Entry point: train(config, explicit_model, resume) -> TrainResult.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import sys
 import time
@@ -18,16 +19,17 @@ import torch
 from tetra.config import RunConfig
 from tetra.data.loader import PackedBatches
 from tetra.data.shards import PreparedData
-from tetra.devices import resolve_device
 from tetra.errors import CheckpointError, TetraError
 from tetra.files import write_json
 from tetra.model import Transformer
+from tetra.parallel.parallelize import parallelize
 from tetra.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from tetra.train.losses import next_token_loss
+from tetra.train.distributed import any_rank, is_main_rank, start_distributed
 from tetra.train.metrics import MetricsSink, flops_per_token, peak_flops, plot_losses, truncate_metrics
 from tetra.train.optim import build_optimizer, lr_at, set_lr
 from tetra.train.precision import choose_autocast_dtype
 from tetra.train.progress import ProgressReporter
+from tetra.train.replica import Replica
 from tetra.train.setup import build_model_for_run, enable_activation_checkpointing
 from tetra.train.signals import StopRequest
 
@@ -60,6 +62,7 @@ class Loop:
     autocast_dtype: torch.dtype | None
     precision_reason: str
     device: torch.device
+    replica: Replica
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -71,18 +74,18 @@ class Loop:
         train = self.config.train
         lr = lr_at(step, train)
         set_lr(self.optimizer, lr)
-        total = torch.zeros((), device=self.device)
+        total, labels = torch.zeros((), device=self.device), 0
         for micro in range(train.grad_accum):
             tokens = self.train_batches.batch(step * train.grad_accum + micro).to(self.device, non_blocking=True)
             with self.autocast():
-                loss, _ = next_token_loss(self.forward_model, tokens)
+                loss, loss_sum, counted = self.replica.loss(self.forward_model, tokens)
             (loss / train.grad_accum).backward()
-            total += loss.detach()
-        max_norm = train.grad_clip if train.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            total += loss_sum
+            labels += counted
+        grad_norm = self.replica.finish_backward(self.model, train.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return (total / train.grad_accum).item(), float(grad_norm)
+        return self.replica.mean(total, labels), grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -90,21 +93,27 @@ class Loop:
         if self.val_batches is None:
             return None
         self.model.eval()
-        losses = []
-        available = -(-self.val_batches.num_sequences // self.val_batches.batch_size)  # no sequence counted twice
+        total, labels = torch.zeros((), device=self.device), 0
+        per_position = self.val_batches.batch_size * self.replica.batch_ranks
+        available = -(-self.val_batches.num_sequences // per_position)  # no sequence counted twice
         for position in range(min(self.config.eval.batches, available)):
             tokens = self.val_batches.batch(position).to(self.device)
             with self.autocast():
-                losses.append(next_token_loss(self.forward_model, tokens)[0].item())
+                _, loss_sum, counted = self.replica.loss(self.forward_model, tokens)
+            total += loss_sum
+            labels += counted
         self.model.train()
-        return sum(losses) / len(losses)
+        return self.replica.mean(total, labels)
 
 
-def _open_batches(config: RunConfig, data: PreparedData) -> tuple[PackedBatches, PackedBatches | None]:
-    train = PackedBatches(data.split("train"), config.data.seq_len, config.train.batch_size, config.data.seed)
+def _open_batches(config: RunConfig, data: PreparedData,
+                  replica: Replica) -> tuple[PackedBatches, PackedBatches | None]:
+    """Each rank of the batch group (data x depth) reads its own disjoint share of every global batch."""
+    share = dict(rank=replica.batch_rank, world_size=replica.batch_ranks)
+    train = PackedBatches(data.split("train"), config.data.seq_len, config.train.batch_size, config.data.seed, **share)
     val = None
     if data.meta["splits"]["val"]["tokens"] > config.data.seq_len:
-        val = PackedBatches(data.split("val"), config.data.seq_len, config.train.batch_size, shuffle=False)
+        val = PackedBatches(data.split("val"), config.data.seq_len, config.train.batch_size, shuffle=False, **share)
     return train, val
 
 
@@ -124,72 +133,105 @@ def _resume_folder(resume: str | None, run_dir: Path) -> Path | None:
 
 
 def build_loop(config: RunConfig, explicit_model: dict[str, Any]) -> tuple[Loop, Path]:
-    device = resolve_device(config.run.device)
+    grid, device = start_distributed(config)
+    replica = Replica(grid)
     data = PreparedData.open(config.data.path)
-    train_batches, val_batches = _open_batches(config, data)
+    train_batches, val_batches = _open_batches(config, data, replica)
     model, tokenizer_folder = build_model_for_run(config, explicit_model, data, device)
+    if grid is not None:
+        parallelize(model, grid)
     if config.train.activation_checkpointing:
         enable_activation_checkpointing(model)
     forward_model = torch.compile(model) if config.train.compile else model
     optimizer = build_optimizer(model, config.train)
     autocast_dtype, precision_reason = choose_autocast_dtype(config.train.precision, device)
     loop = Loop(config, model, forward_model, optimizer, train_batches, val_batches, autocast_dtype, precision_reason,
-                device)
+                device, replica)
     return loop, tokenizer_folder
+
+
+@dataclass
+class Throughput:
+    """Tokens and FLOPs of one optimizer step over all ranks, and the peak they are measured against."""
+
+    tokens_per_step: int
+    flops_per_step: float
+    peak_flops: float  # of one device
+    devices: int
+
+    def record(self, steps: int, seconds: float) -> dict[str, float]:
+        flops = self.flops_per_step * steps / seconds
+        return {"tokens_per_s": self.tokens_per_step * steps / seconds, "tflops": flops / 1e12,
+                "mfu": flops / (self.peak_flops * self.devices)}
+
+
+def _start_run_folder(loop: Loop, run_dir: Path, resume_from: Path | None, config_toml: str) -> Throughput:
+    """config.toml and run_info.json (main rank only), and the throughput bookkeeping."""
+    config = loop.config
+    peak, peak_source = peak_flops(loop.device, loop.autocast_dtype or torch.float32)
+    devices = loop.replica.grid.shape.world if loop.replica.grid is not None else 1
+    if is_main_rank():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(config_toml, encoding="utf-8")
+        write_json(run_dir / "run_info.json", {
+            "parameters": loop.model.config.num_parameters(), "precision": loop.precision_reason,
+            "peak_flops": peak, "peak_source": peak_source, "device": str(loop.device), "devices": devices,
+            "grid": None if loop.replica.grid is None else vars(loop.replica.grid.shape),
+            "resumed_from": str(resume_from)})
+    tokens = config.train.batch_size * config.train.grad_accum * config.data.seq_len * loop.replica.batch_ranks
+    return Throughput(tokens, flops_per_token(loop.model.config, config.data.seq_len) * tokens, peak, devices)
+
+
+def _check_finite(loss: float, step: int, run_dir: Path) -> None:
+    if not math.isfinite(loss):
+        last = latest_checkpoint(run_dir)
+        raise NonFiniteLossError(
+            f"The training loss became {loss} at step {step + 1}. The last good checkpoint is "
+            f"{last or 'none (no checkpoint was written yet)'}. Lower train.lr, raise train.warmup_steps or "
+            "set train.grad_clip, then resume from it with --resume auto.")
 
 
 def train(config: RunConfig, explicit_model: dict[str, Any], resume: str | None = None,
           show_progress: bool = True) -> TrainResult:
-    """Run (or resume) training as configured; the run folder gets config.toml, metrics.jsonl, checkpoints, loss.png."""
+    """Run (or resume) training as configured; the run folder gets config.toml, metrics.jsonl, checkpoints, loss.png.
+
+    Under torchrun every rank calls this; rank 0 alone writes files."""
     run_dir = Path(config.run.dir)
     resume_from = _resume_folder(resume, run_dir)
     loop, tokenizer_folder = build_loop(config, explicit_model)
+    grid = loop.replica.grid
     start_step = 0
     if resume_from is not None:
-        start_step = load_checkpoint(resume_from, loop.model, loop.optimizer)["step"]
-        truncate_metrics(run_dir / "metrics.jsonl", start_step)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_toml = config.to_toml()
-    (run_dir / "config.toml").write_text(config_toml, encoding="utf-8")
-    peak, peak_source = peak_flops(loop.device, loop.autocast_dtype or torch.float32)
-    write_json(run_dir / "run_info.json", {
-        "parameters": sum(p.numel() for p in loop.model.parameters()), "precision": loop.precision_reason,
-        "peak_flops": peak, "peak_source": peak_source, "device": str(loop.device), "resumed_from": str(resume_from)})
-    sink = MetricsSink(run_dir)
-    tokens_per_step = config.train.batch_size * config.train.grad_accum * config.data.seq_len
-    step_flops = flops_per_token(loop.model.config, config.data.seq_len) * tokens_per_step
+        start_step = load_checkpoint(resume_from, loop.model, loop.optimizer, grid)["step"]
+        if is_main_rank():
+            truncate_metrics(run_dir / "metrics.jsonl", start_step)
+    # The run folder records the model as built: vocabulary from the data, preset resolved.
+    config_toml = dataclasses.replace(config, model=loop.model.config).to_toml()
+    throughput = _start_run_folder(loop, run_dir, resume_from, config_toml)
+    main = is_main_rank()
+    sink = MetricsSink(run_dir, enabled=main)
 
     def save(step: int, last_loss: float) -> Path:
-        state = {"samples": step * config.train.batch_size * config.train.grad_accum, "loss": last_loss,
+        samples = step * config.train.batch_size * config.train.grad_accum * loop.replica.batch_ranks
+        state = {"samples": samples, "loss": last_loss,
                  "epoch": loop.train_batches.epoch_of(step * config.train.grad_accum)}
         return save_checkpoint(run_dir, step, loop.model, loop.optimizer, state, config_toml, tokenizer_folder,
-                               config.run.keep_checkpoints)
+                               config.run.keep_checkpoints, grid)
 
     step, loss, saved, stopped_by = start_step, float("nan"), None, None
-    reporter = ProgressReporter(config.train.max_steps, start_step, enabled=show_progress)
     interval_start, interval_steps, interval_loss = time.perf_counter(), 0, 0.0
-    with StopRequest() as stop, reporter:
+    with StopRequest() as stop, ProgressReporter(config.train.max_steps, start_step, show_progress and main) as bar:
         while step < config.train.max_steps:
             loss, grad_norm = loop.step(step)
-            if not math.isfinite(loss):
-                last = latest_checkpoint(run_dir)
-                raise NonFiniteLossError(
-                    f"The training loss became {loss} at step {step + 1}. The last good checkpoint is "
-                    f"{last or 'none (no checkpoint was written yet)'}. Lower train.lr, raise train.warmup_steps or "
-                    "set train.grad_clip, then resume from it with --resume auto.")
-            step += 1
-            interval_steps += 1
-            interval_loss += loss
+            _check_finite(loss, step, run_dir)
+            step, interval_steps, interval_loss = step + 1, interval_steps + 1, interval_loss + loss
             record: dict[str, Any] = {"step": step, "loss": loss, "lr": lr_at(step - 1, config.train),
                                       "grad_norm": grad_norm}
             if step % config.run.log_every == 0 or step == config.train.max_steps:
-                seconds = time.perf_counter() - interval_start
                 # The logged loss is the mean since the previous log line: one step alone is too noisy to read.
                 record.update(loss=interval_loss / interval_steps,
-                              tokens_per_s=tokens_per_step * interval_steps / seconds,
-                              tflops=step_flops * interval_steps / seconds / 1e12,
-                              mfu=step_flops * interval_steps / seconds / peak,
-                              epoch=loop.train_batches.epoch_of(step * config.train.grad_accum))
+                              epoch=loop.train_batches.epoch_of(step * config.train.grad_accum),
+                              **throughput.record(interval_steps, time.perf_counter() - interval_start))
                 interval_start, interval_steps, interval_loss = time.perf_counter(), 0, 0.0
             if (config.eval.every and step % config.eval.every == 0) or step == config.train.max_steps:
                 val_loss = loop.evaluate()
@@ -197,16 +239,17 @@ def train(config: RunConfig, explicit_model: dict[str, Any], resume: str | None 
                     record.update(val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50.0)))
             if "tokens_per_s" in record or "val_loss" in record:
                 sink.write(record)
-            reporter.update(step, record)
+            bar.update(step, record)
             if config.run.checkpoint_every and step % config.run.checkpoint_every == 0:
                 saved = save(step, loss)
-            if stop.requested:
-                stopped_by = stop.requested
+            if any_rank(stop.requested is not None, loop.device):
+                stopped_by = stop.requested or "a signal on another rank"
                 break
     if saved is None or not saved.name.endswith(f"{step:07d}"):
         saved = save(step, loss)
     sink.close()
-    plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
-    if stopped_by:
+    if main:
+        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    if stopped_by and main:
         sys.stderr.write(f"stopped by {stopped_by} at step {step}; checkpoint {saved}. Continue with --resume auto.\n")
     return TrainResult(run_dir, step, loss, stopped_by, saved)

@@ -1,0 +1,65 @@
+"""Joining a torchrun launch: the process group (NCCL on GPUs, gloo on CPUs), this rank's device, and the grid.
+
+Entry points: start_distributed(config) -> (grid or None, device) and stop_distributed().
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from tetra.config import RunConfig
+from tetra.devices import resolve_device
+from tetra.errors import ConfigError
+from tetra.parallel.grid import GridShape, ProcessGrid
+
+
+def launched_world_size() -> int:
+    """Processes in this launch (torchrun sets WORLD_SIZE); 1 when run directly."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def start_distributed(config: RunConfig) -> tuple[ProcessGrid | None, torch.device]:
+    """None for a plain single-process run; otherwise the grid over every launched process."""
+    world = launched_world_size()
+    parallel = config.parallel
+    wants_grid = world > 1 or any(getattr(parallel, name) > 1 for name in ("data", "depth", "row", "col"))
+    device = resolve_device(config.run.device)
+    if not wants_grid:
+        return None, device
+    shape = GridShape.infer(world, parallel.data, parallel.depth, parallel.row, parallel.col)
+    if device.type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if world > 1 and "MASTER_ADDR" not in os.environ:
+            raise ConfigError("WORLD_SIZE is set but MASTER_ADDR is not: launch with torchrun "
+                              "(torchrun --nproc-per-node N -m tetra train CONFIG ...).")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                rank=int(os.environ.get("RANK", "0")), world_size=world,
+                                timeout=timedelta(minutes=30))
+    return ProcessGrid.build(shape), device
+
+
+def stop_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main_rank() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True if the flag is set on any rank (so that every rank stops at the same step)."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

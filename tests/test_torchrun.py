@@ -1,0 +1,64 @@
+"""`torchrun ... tetra train` on 2 gloo processes: same losses as one process, and its checkpoints reload into
+another grid, into one process, and into `tetra convert to-hf`."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_train import run_config, run_values
+from tetra.cli import main
+from tetra.config import dump_toml
+from tetra.train import trainer
+from tetra.train.metrics import read_metrics
+
+OVERRIDES = {"train": {"max_steps": 4, "warmup_steps": 1}, "run": {"checkpoint_every": 2}}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _torchrun(config_path: Path, *arguments: str) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(_free_port()), "-m", "tetra", "train", str(config_path), "--no-progress", *arguments]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")}
+
+
+def test_two_processes_match_one_and_checkpoints_move_between_grids(prepared_data, tmp_path):
+    single = trainer.train(*run_config(prepared_data, tmp_path / "single", **OVERRIDES), show_progress=False)
+    (tmp_path / "grid.toml").write_text(dump_toml(run_values(prepared_data, tmp_path / "grid", **OVERRIDES)))
+    _torchrun(tmp_path / "grid.toml", "parallel.row=2")
+    expected, actual = _losses(single.run_dir), _losses(tmp_path / "grid")
+    assert sorted(actual) == [1, 2, 3, 4]
+    for step, loss in expected.items():
+        assert actual[step] == pytest.approx(loss, rel=1e-5), step
+
+    # The row=2 checkpoint of step 2 resumes on a column grid and on one process, continuing the same run.
+    for name in ("col", "one"):
+        shutil.copytree(tmp_path / "grid" / "checkpoints" / "step-0000002",
+                        tmp_path / name / "checkpoints" / "step-0000002")
+    _torchrun(tmp_path / "grid.toml", "parallel.col=2", f"run.dir={tmp_path / 'col'}", "--resume", "auto")
+    trainer.train(*run_config(prepared_data, tmp_path / "one", **OVERRIDES), resume="auto", show_progress=False)
+    for name in ("col", "one"):
+        resumed = _losses(tmp_path / name)
+        for step in (3, 4):
+            assert resumed[step] == pytest.approx(actual[step], rel=1e-5), (name, step)
+
+    assert main(["convert", "to-hf", str(tmp_path / "grid" / "checkpoints" / "step-0000004"),
+                 str(tmp_path / "hf")]) == 0
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf").config.hidden_size == 32
