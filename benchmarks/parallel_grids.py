@@ -1,0 +1,138 @@
+"""Every valid 4D grid of a small model on N gloo processes: step time and bytes each rank moves per step.
+
+Run: python benchmarks/parallel_grids.py [--world 4 --layers 2 --width 128 --seq 128 --batch 8 --steps 5]
+Bytes use ring costs (all-reduce 2(G-1)/G x message, all-gather (G-1)/G x result); gloo has no reduce-scatter,
+so tetra runs it as an all-reduce there and it is counted as one. The performance planner builds on this table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import socket
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tetra.errors import ConfigError
+from tetra.model import ModelConfig, Transformer
+from tetra.parallel.grid import GridShape, ProcessGrid, check_grid
+from tetra.parallel.parallelize import clip_global_grad_norm, parallel_next_token_loss, parallelize, sync_gradients
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8, help="global batch (sequences)")
+    parser.add_argument("--steps", type=int, default=5)
+    return parser.parse_args()
+
+
+class ByteCounter:
+    """Wraps torch.distributed's collectives in this process to add up the bytes a ring algorithm moves."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.original = {name: getattr(dist, name) for name in ("all_reduce", "all_gather")}
+        dist.all_reduce = self._all_reduce
+        dist.all_gather = self._all_gather
+
+    def _all_reduce(self, tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        size = dist.get_world_size(group)
+        self.bytes += 2 * (size - 1) / size * tensor.numel() * tensor.element_size()
+        return self.original["all_reduce"](tensor, op=op, group=group, async_op=async_op)
+
+    def _all_gather(self, tensors, tensor, group=None, async_op=False):
+        size = dist.get_world_size(group)
+        self.bytes += (size - 1) / size * size * tensor.numel() * tensor.element_size()
+        return self.original["all_gather"](tensors, tensor, group=group, async_op=async_op)
+
+
+def valid_grids(world: int, config: ModelConfig) -> list[GridShape]:
+    shapes = []
+    for data, depth, row, col in itertools.product(range(1, world + 1), repeat=4):
+        if data * depth * row * col != world:
+            continue
+        shape = GridShape(data, depth, row, col)
+        try:
+            check_grid(shape, config)
+        except ConfigError:
+            continue
+        shapes.append(shape)
+    return shapes
+
+
+def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    config = ModelConfig(vocab_size=args.vocab, hidden_size=args.width, n_layers=args.layers, n_heads=args.heads,
+                         intermediate_size=4 * args.width, max_position_embeddings=args.seq)
+    counter = ByteCounter()
+    rows = []
+    for shape in valid_grids(world, config):
+        grid = ProcessGrid.build(shape)
+        torch.manual_seed(0)
+        model = Transformer(config)
+        model.init_weights()
+        parallelize(model, grid)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
+        local = tokens.chunk(grid.size("batch"))[grid.index("batch")]
+        times, moved = [], []
+        for step in range(args.steps + 2):
+            dist.barrier()
+            start_bytes, start = counter.bytes, time.perf_counter()
+            loss, _ = parallel_next_token_loss(model, local, grid, tokens[:, 1:].numel())
+            loss.backward()
+            sync_gradients(model, grid)
+            clip_global_grad_norm(model, grid, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            dist.barrier()
+            if step >= 2:
+                times.append(time.perf_counter() - start)
+                moved.append(counter.bytes - start_bytes)
+        per_rank_bytes = torch.tensor([statistics.mean(moved)])
+        dist.all_reduce(per_rank_bytes)
+        rows.append({"grid": vars(shape), "step_ms": 1000 * statistics.median(times),
+                     "mbytes_per_rank": float(per_rank_bytes) / world / 1e6,
+                     "params_per_rank": sum(p.numel() for p in model.parameters())})
+    if rank == 0:
+        with open(out_path, "w") as handle:
+            json.dump(rows, handle)
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    args = parse_args()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory() as scratch:
+        out = os.path.join(scratch, "grids.json")
+        mp.spawn(worker, args=(args.world, port, args, out), nprocs=args.world, join=True)
+        with open(out) as handle:
+            rows = sorted(json.load(handle), key=lambda r: r["step_ms"])
+    print(f"model: {args.layers} layers, width {args.width}, vocab {args.vocab}; global batch {args.batch} x "
+          f"{args.seq}; {args.world} gloo processes on {os.cpu_count()} cores")
+    print(f"{'data':>4} {'depth':>5} {'row':>3} {'col':>3} {'step ms':>9} {'MB/rank/step':>13} {'params/rank':>12}")
+    for row in rows:
+        g = row["grid"]
+        print(f"{g['data']:>4} {g['depth']:>5} {g['row']:>3} {g['col']:>3} {row['step_ms']:>9.1f} "
+              f"{row['mbytes_per_rank']:>13.2f} {row['params_per_rank']:>12,}")
+
+
+if __name__ == "__main__":
+    main()
