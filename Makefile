@@ -34,7 +34,7 @@ test-slow: install
 	$(BIN)/python -m pytest -m slow
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks docs
 
 bench: install
 	$(BIN)/python benchmarks/generate_throughput.py

@@ -1,5 +1,5 @@
-"""`torchrun ... tetra train` on 2 gloo processes: same losses as one process, and its checkpoints reload into
-another grid, into one process, and into `tetra convert to-hf`."""
+"""`torchrun ... tetra train` on 2 gloo processes: same losses as one process, and its sharded checkpoints reload
+into another grid, into one process, and into `tetra convert to-hf`."""
 
 from __future__ import annotations
 
@@ -46,7 +46,9 @@ def test_two_processes_match_one_and_checkpoints_move_between_grids(prepared_dat
     for step, loss in expected.items():
         assert actual[step] == pytest.approx(loss, rel=1e-5), step
 
-    # The row=2 checkpoint of step 2 resumes on a column grid and on one process, continuing the same run.
+    # The row=2 checkpoint is sharded; step 2 resumes on a column grid and on one process, continuing the run.
+    written = tmp_path / "grid" / "checkpoints" / "step-0000002"
+    assert (written / "shards" / ".metadata").is_file() and not (written / "model.safetensors").exists()
     for name in ("col", "one"):
         shutil.copytree(tmp_path / "grid" / "checkpoints" / "step-0000002",
                         tmp_path / name / "checkpoints" / "step-0000002")

@@ -17,6 +17,7 @@ from tetra.model.config import ModelConfig
 from tetra.model.hf_config import from_hf_config, to_hf_config
 from tetra.model.hf_weights import hf_to_tetra_state, normalize_hf_names, tetra_to_hf_state
 from tetra.model.safetensors_io import read_tensors, write_tensors
+from tetra.model.sharded_io import has_shards, read_sharded_tensors
 from tetra.model.transformer import Transformer
 
 TETRA_CONFIG = "model_config.json"
@@ -105,7 +106,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     config = read_model_config(folder)
     model = _empty_model(config)
     if (folder / TETRA_CONFIG).is_file():
-        state = read_tensors(folder)
+        state = read_model_tensors(folder)
         check_tensors(_expected_shapes(model), state, folder)
     else:
         expected_hf = {name: value.shape for name, value in
@@ -118,10 +119,17 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     return model.eval()
 
 
+def read_model_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Full weights of a tetra checkpoint: model.safetensors, or the shards a parallel run wrote."""
+    if not (folder / "model.safetensors").is_file() and has_shards(folder):
+        return read_sharded_tensors(folder, "model/")
+    return read_tensors(folder)
+
+
 def load_weights_into(model: Transformer, folder: str | Path) -> None:
     """Copy a tetra checkpoint's weights into an existing model (keeping its Parameters), refusing any mismatch."""
     folder = Path(folder)
-    state = read_tensors(folder)
+    state = read_model_tensors(folder)
     check_tensors(_expected_shapes(model), state, folder)
     with torch.no_grad():
         for name, parameter in model.state_dict(keep_vars=True).items():
@@ -149,14 +157,15 @@ def _saved_config(model: Transformer) -> ModelConfig:
 
 
 def write_model_files(model: Transformer, folder: Path, tokenizer_from: str | Path | None = None,
-                      state: dict[str, torch.Tensor] | None = None) -> None:
+                      state: dict[str, torch.Tensor] | None = None, weights: bool = True) -> None:
     """model_config.json + model.safetensors (+ tokenizer files) into an existing folder. `state` replaces the
-    model's own tensors (a parallel model passes its gathered full tensors)."""
+    model's own tensors (a parallel model passes its gathered full tensors); weights=False leaves them to shards."""
     config = _saved_config(model)
     if state is not None:
         config.dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
     write_json(folder / TETRA_CONFIG, config.to_dict())
-    write_tensors(_state_for_saving(model) if state is None else state, folder)
+    if weights:
+        write_tensors(_state_for_saving(model) if state is None else state, folder)
     _copy_tokenizer_files(Path(tokenizer_from) if tokenizer_from else None, folder)
 
 

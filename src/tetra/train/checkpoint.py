@@ -1,8 +1,9 @@
 """Training checkpoints: model, optimizer, RNG and loop state written atomically; resume; keep the newest K.
 
 Entry points: save_checkpoint, load_checkpoint, latest_checkpoint. A checkpoint folder is also a tetra model
-checkpoint, so `tetra generate` and `tetra convert to-hf` accept it directly. Under a 4D grid every tensor is
-gathered to its full shape and rank 0 writes it, so a checkpoint loads into any other grid or a single process.
+checkpoint, so `tetra generate` and `tetra convert to-hf` accept it directly. A 4D-parallel run writes its weights
+and optimizer state sharded (torch.distributed.checkpoint, under shards/); any checkpoint loads into any grid or
+into a single process.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import torch
 from tetra.errors import CheckpointError
 from tetra.files import atomic_directory, read_json, write_json
 from tetra.model import Transformer
-from tetra.model.io import check_tensors, load_weights_into, write_model_files
+from tetra.model.io import check_tensors, load_weights_into, read_model_tensors, write_model_files
 from tetra.model.safetensors_io import read_tensors, write_tensors
+from tetra.model.sharded_io import has_shards, read_sharded_tensors, sharded_metadata
 from tetra.parallel.grid import ProcessGrid
-from tetra.parallel.layout import shard, unshard
+from tetra.parallel.layout import shard
 from tetra.train.distributed import is_main_rank
+from tetra.train.sharded_checkpoint import load_shards, save_shards
 
 STEP_FOLDER = re.compile(r"^step-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -29,14 +32,6 @@ TRAINER_STATE = "trainer_state.json"
 
 def checkpoint_folder(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:07d}"
-
-
-def _full(value: torch.Tensor, parameter: torch.Tensor, grid: ProcessGrid | None) -> torch.Tensor:
-    """A parameter-shaped tensor (the parameter, or optimizer state like it) gathered to its full shape."""
-    layout = getattr(parameter, "tetra_layout", None)
-    if grid is None or layout is None or value.shape != parameter.shape:
-        return value.detach()
-    return unshard(value.detach(), layout, grid)
 
 
 def _piece(full: torch.Tensor, parameter: torch.Tensor, grid: ProcessGrid | None) -> torch.Tensor:
@@ -47,19 +42,13 @@ def _piece(full: torch.Tensor, parameter: torch.Tensor, grid: ProcessGrid | None
     return shard(full, layout, grid)
 
 
-def _optimizer_tensors(model: Transformer, optimizer: torch.optim.Optimizer,
-                       grid: ProcessGrid | None) -> dict[str, torch.Tensor]:
-    """Optimizer state keyed by parameter name (readable, and independent of parameter order and grid)."""
+def _optimizer_tensors(model: Transformer, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Optimizer state keyed by parameter name (readable, and independent of parameter order)."""
     tensors = {}
     for name, parameter in model.named_parameters():
         for key, value in optimizer.state.get(parameter, {}).items():
-            value = value if torch.is_tensor(value) else torch.tensor(value)
-            tensors[f"{name}/{key}"] = _full(value, parameter, grid)
+            tensors[f"{name}/{key}"] = (value if torch.is_tensor(value) else torch.tensor(value)).detach()
     return tensors
-
-
-def _model_tensors(model: Transformer, grid: ProcessGrid | None) -> dict[str, torch.Tensor]:
-    return {name: _full(p, p, grid) for name, p in model.named_parameters()}
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:
@@ -74,22 +63,48 @@ def save_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer: tor
                     grid: ProcessGrid | None = None) -> Path:
     """Write checkpoints/step-N atomically, then delete all but the newest `keep` checkpoints.
 
-    Collective under a grid: every rank gathers, rank 0 writes, and all wait until the folder exists."""
+    Collective under a grid: every rank writes its shards, rank 0 the rest, and the folder appears complete."""
     folder = checkpoint_folder(run_dir, step)
-    weights = _model_tensors(model, grid)
-    optimizer_state = _optimizer_tensors(model, optimizer, grid)
-    if is_main_rank():
+    if grid is None:
         with atomic_directory(folder, overwrite=True) as staging:
-            write_model_files(model, staging, tokenizer_from, state=weights)
-            write_tensors(optimizer_state, staging, stem="optimizer")
-            write_tensors(_rng_tensors(), staging, stem="rng")
-            write_json(staging / TRAINER_STATE, {"step": step, **state})
-            (staging / "config.toml").write_text(config_toml, encoding="utf-8")
+            write_model_files(model, staging, tokenizer_from)
+            write_tensors(_optimizer_tensors(model, optimizer), staging, stem="optimizer")
+            _write_loop_files(staging, step, state, config_toml)
+    else:
+        _save_grid_checkpoint(folder, step, model, optimizer, state, config_toml, tokenizer_from, grid)
+    if is_main_rank():
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     if grid is not None:
         torch.distributed.barrier()
     return folder
+
+
+def _write_loop_files(folder: Path, step: int, state: dict[str, Any], config_toml: str) -> None:
+    write_tensors(_rng_tensors(), folder, stem="rng")
+    write_json(folder / TRAINER_STATE, {"step": step, **state})
+    (folder / "config.toml").write_text(config_toml, encoding="utf-8")
+
+
+def _save_grid_checkpoint(folder: Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
+                          state: dict[str, Any], config_toml: str, tokenizer_from: Path | None,
+                          grid: ProcessGrid) -> None:
+    """Shards from every rank into a hidden staging folder, which rank 0 completes and renames into place."""
+    staging = folder.with_name(f".{folder.name}.staging")
+    if is_main_rank():
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    torch.distributed.barrier()
+    save_shards(staging, model, optimizer, grid)
+    torch.distributed.barrier()
+    if is_main_rank():
+        write_model_files(model, staging, tokenizer_from, weights=False)
+        _write_loop_files(staging, step, state, config_toml)
+        if folder.exists():
+            retired = folder.with_name(f".{folder.name}.retired")
+            folder.rename(retired)
+            shutil.rmtree(retired, ignore_errors=True)
+        staging.rename(folder)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -107,15 +122,26 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
+def _full_shapes(model: Transformer) -> dict[str, torch.Size]:
+    return {name: torch.Size(p.tetra_layout.full_shape) if hasattr(p, "tetra_layout") else p.shape
+            for name, p in model.named_parameters()}
+
+
+def _check_sharded_shapes(folder: Path, model: Transformer) -> None:
+    """Refuse a sharded checkpoint of another shape before any rank starts reading it."""
+    found = {name.removeprefix("model/"): torch.empty(tuple(item.size), device="meta")
+             for name, item in sharded_metadata(folder).items() if name.startswith("model/")}
+    check_tensors(_full_shapes(model), found, folder)
+
+
 def _load_weights(model: Transformer, folder: Path, grid: ProcessGrid | None) -> None:
+    """Full weights (safetensors or shards) into a single model, or cut into this rank's pieces."""
     if grid is None:
         load_weights_into(model, folder)
         return
-    tensors = read_tensors(folder)
+    tensors = read_model_tensors(folder)
     parameters = dict(model.named_parameters())
-    full_shapes = {name: torch.Size(p.tetra_layout.full_shape) if hasattr(p, "tetra_layout")
-                   else p.shape for name, p in parameters.items()}
-    check_tensors(full_shapes, tensors, folder)
+    check_tensors(_full_shapes(model), tensors, folder)
     with torch.no_grad():
         for name, parameter in parameters.items():
             parameter.copy_(_piece(tensors[name], parameter, grid))
@@ -128,8 +154,14 @@ def load_checkpoint(folder: Path, model: Transformer, optimizer: torch.optim.Opt
     if not (folder / TRAINER_STATE).is_file():
         raise CheckpointError(f"{folder} is not a training checkpoint (no {TRAINER_STATE}). Pass a folder like "
                               "RUN/checkpoints/step-0001000, or --resume auto.")
-    _load_weights(model, folder, grid)
-    _load_optimizer(read_tensors(folder, "optimizer"), model, optimizer, folder, grid)
+    sharded = has_shards(folder) and not (folder / "model.safetensors").is_file()
+    if sharded and grid is not None:
+        _check_sharded_shapes(folder, model)
+        load_shards(folder, model, optimizer, grid)
+    else:
+        _load_weights(model, folder, grid)
+        optimizer_tensors = read_sharded_tensors(folder, "optim/") if sharded else read_tensors(folder, "optimizer")
+        _load_optimizer(optimizer_tensors, model, optimizer, folder, grid)
     rng = read_tensors(folder, "rng")
     torch.set_rng_state(rng["torch_cpu"])
     if torch.cuda.is_available():

@@ -1,0 +1,41 @@
+"""Reading torch.distributed.checkpoint (DCP) folders as full tensors in one process, without a process group.
+
+Entry points: has_shards(folder) and read_sharded_tensors(folder, prefix).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from tetra.errors import CheckpointError
+
+SHARDS = "shards"
+
+
+def has_shards(folder: Path) -> bool:
+    return (folder / SHARDS / ".metadata").is_file()
+
+
+def sharded_metadata(folder: Path) -> dict[str, TensorStorageMetadata]:
+    """Name -> size and dtype of every tensor in the DCP folder."""
+    try:
+        metadata = dcp.FileSystemReader(str(folder / SHARDS)).read_metadata()
+    except Exception as error:  # DCP raises several types for damaged metadata
+        raise CheckpointError(f"{folder / SHARDS} is not a readable sharded checkpoint ({error}).") from None
+    return {name: item for name, item in metadata.state_dict_metadata.items()
+            if isinstance(item, TensorStorageMetadata)}
+
+
+def read_sharded_tensors(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """Every tensor whose name starts with prefix, at full size (the prefix removed from the names)."""
+    wanted = {name: item for name, item in sharded_metadata(folder).items() if name.startswith(prefix)}
+    state = {name: torch.zeros(tuple(item.size), dtype=item.properties.dtype) for name, item in wanted.items()}
+    try:
+        dcp.load(state, checkpoint_id=str(folder / SHARDS), no_dist=True)
+    except Exception as error:
+        raise CheckpointError(f"Reading {folder / SHARDS} failed ({error}); a shard file may be missing.") from None
+    return {name.removeprefix(prefix): value for name, value in state.items()}

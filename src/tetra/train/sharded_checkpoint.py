@@ -1,0 +1,94 @@
+"""Sharded checkpoints for 4D-parallel runs: each rank writes its own [row, col] blocks with
+torch.distributed.checkpoint; loading reshards them onto any grid.
+
+Entry points: save_shards(folder, model, optimizer, grid) and load_shards(folder, model, optimizer, grid).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from tetra.model import Transformer
+from tetra.model.sharded_io import SHARDS, sharded_metadata
+from tetra.parallel.grid import DIMENSIONS, ProcessGrid
+from tetra.parallel.layout import Layout, gather_block, shard
+
+
+def _mesh(grid: ProcessGrid, device: torch.device) -> DeviceMesh:
+    """A DeviceMesh with the grid's rank order (row-major over data, depth, row, col, like ProcessGrid)."""
+    shape = tuple(getattr(grid.shape, name) for name in DIMENSIONS)
+    return init_device_mesh(device.type, shape, mesh_dim_names=DIMENSIONS)
+
+
+def _placements(layout: Layout) -> list:
+    """Replicated over data and depth (depth shards are gathered to whole blocks), split like the layout."""
+    row = Shard(layout.row_dim) if layout.row_dim is not None else Replicate()
+    col = Shard(layout.col_dim) if layout.col_dim is not None else Replicate()
+    return [Replicate(), Replicate(), row, col]
+
+
+def _as_dtensor(block: torch.Tensor, layout: Layout, mesh: DeviceMesh) -> DTensor:
+    full = torch.empty(layout.full_shape, device="meta")
+    return DTensor.from_local(block, mesh, _placements(layout), shape=full.shape, stride=full.stride())
+
+
+def _entries(model: Transformer, optimizer: torch.optim.Optimizer):
+    """(checkpoint name, tensor, its parameter) for weights and optimizer state."""
+    for name, parameter in model.named_parameters():
+        yield f"model/{name}", parameter, parameter
+        for key, value in optimizer.state.get(parameter, {}).items():
+            yield f"optim/{name}/{key}", value, parameter
+
+
+def save_shards(folder: Path, model: Transformer, optimizer: torch.optim.Optimizer, grid: ProcessGrid) -> None:
+    """Collective: every rank writes its blocks under folder/shards (replicated pieces are written once)."""
+    mesh = _mesh(grid, next(model.parameters()).device)
+    state = {}
+    for key, value, parameter in _entries(model, optimizer):
+        layout = parameter.tetra_layout
+        if value.shape != parameter.shape:  # a scalar like AdamW's step
+            state[key] = value.detach().clone()
+        else:
+            state[key] = _as_dtensor(gather_block(value.detach(), layout, grid), layout, mesh)
+    dcp.save(state, checkpoint_id=str(folder / SHARDS))
+
+
+def load_shards(folder: Path, model: Transformer, optimizer: torch.optim.Optimizer, grid: ProcessGrid) -> None:
+    """Collective: read this rank's pieces of a sharded checkpoint written on any grid."""
+    mesh = _mesh(grid, next(model.parameters()).device)
+    names = sharded_metadata(folder)
+    parameters = dict(model.named_parameters())
+    targets = {}
+    for key, item in names.items():
+        name = key.split("/", 1)[1].rsplit("/", 1)[0] if key.startswith("optim/") else key.split("/", 1)[1]
+        layout = parameters[name].tetra_layout
+        if len(item.size) == 0:
+            targets[key] = torch.zeros((), dtype=item.properties.dtype)
+        else:
+            block = torch.zeros(layout.block_shape(grid), dtype=item.properties.dtype)
+            targets[key] = _as_dtensor(block, layout, mesh)
+    dcp.load(targets, checkpoint_id=str(folder / SHARDS))
+    with torch.no_grad():
+        for key, value in targets.items():
+            name = key.split("/", 1)[1]
+            if key.startswith("model/"):
+                parameter = parameters[name]
+                parameter.copy_(_depth_piece(value.to_local(), parameter.tetra_layout, grid))
+            else:
+                name, field = name.rsplit("/", 1)
+                parameter = parameters[name]
+                local = value if not isinstance(value, DTensor) else _depth_piece(value.to_local(),
+                                                                                   parameter.tetra_layout, grid)
+                optimizer.state[parameter][field] = local.to(parameter.device)
+
+
+def _depth_piece(block: torch.Tensor, layout: Layout, grid: ProcessGrid) -> torch.Tensor:
+    """This rank's depth shard of a whole [row, col] block."""
+    if not layout.depth:
+        return block
+    return shard(block, Layout(tuple(block.shape), depth=True), grid)
