@@ -22,6 +22,7 @@ from tetra.parallel.parallelize import (
     parallelize,
     sync_gradients,
 )
+from tetra.parallel.zero import ZeroOptimizer
 from tetra.train.losses import next_token_loss
 
 MODELS = {
@@ -57,7 +58,9 @@ def _reference_and_parallel(model_name: str, grid: ProcessGrid):
     return model, parallelize(copy.deepcopy(model), grid)
 
 
-def _check(model_name: str, shape: GridShape) -> dict:
+def _check(model_name: str, shape: GridShape, zero1: bool = False) -> dict:
+    """zero1: optimizer state sharded over data; gradients then live in slices, so the loss, the global norm and
+    the parameters after every step are what is compared."""
     grid = ProcessGrid.build(shape)
     reference, parallel = _reference_and_parallel(model_name, grid)
     vocab = MODELS[model_name]["vocab_size"]
@@ -67,23 +70,30 @@ def _check(model_name: str, shape: GridShape) -> dict:
     # eps well above fp32 noise: with eps = 1e-8, Adam turns a rounding-level gradient (the key bias again) into a
     # full-size update whose sign depends on the rounding, and no two implementations could agree.
     ref_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1, eps=1e-3)
-    par_optimizer = torch.optim.AdamW(parallel.parameters(), lr=1e-2, weight_decay=0.1, eps=1e-3)
-    result = {"model": model_name, "grid": shape.__dict__}
+    def adamw(groups):
+        return torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.1, eps=1e-3)
+
+    par_optimizer = ZeroOptimizer([{"params": list(parallel.parameters())}], grid, adamw) if zero1 else \
+        adamw(parallel.parameters())
+    result = {"model": model_name, "grid": shape.__dict__, "zero1": zero1, "grad_error": 0.0,
+              "grad_names_match": True}
     for step in range(STEPS):
         ref_loss, _ = next_token_loss(reference, tokens)
         ref_loss.backward()
         loss, loss_sum = parallel_next_token_loss(parallel, local, grid, labels)
         loss.backward()
-        sync_gradients(parallel, grid)
+        sync_gradients(parallel, grid, include_data=not zero1)
         global_loss = float(all_reduce(loss_sum.clone(), grid.groups["batch"])) / labels
         if step == 0:
+            result["loss_error"] = abs(global_loss - ref_loss.item()) / abs(ref_loss.item())
+        if step == 0 and not zero1:
             ref_grads = {n: p.grad for n, p in reference.named_parameters()}
             par_grads = full_state_dict(parallel, grid, gradients=True)
-            result["loss_error"] = abs(global_loss - ref_loss.item()) / abs(ref_loss.item())
             result["grad_error"] = _max_error(par_grads, ref_grads)
             result["grad_names_match"] = sorted(par_grads) == sorted(ref_grads)
         ref_norm = float(torch.nn.utils.clip_grad_norm_(reference.parameters(), MAX_NORM))
-        par_norm = clip_global_grad_norm(parallel, grid, MAX_NORM)
+        clip = par_optimizer.reduce_and_clip if zero1 else lambda limit: clip_global_grad_norm(parallel, grid, limit)
+        par_norm = clip(MAX_NORM)
         result["norm_error"] = max(result.get("norm_error", 0.0), abs(par_norm - ref_norm) / ref_norm)
         for optimizer in (ref_optimizer, par_optimizer):
             optimizer.step()
@@ -98,7 +108,7 @@ def check_grids(rank: int, world: int, port: int, cases: list, out_path: str) ->
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        results = [_check(model_name, GridShape(**shape)) for model_name, shape in cases]
+        results = [_check(model_name, GridShape(**shape), *extra) for model_name, shape, *extra in cases]
         if rank == 0:
             with open(out_path, "w") as handle:
                 json.dump(results, handle)

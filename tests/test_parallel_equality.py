@@ -1,7 +1,8 @@
 """4D grids equal one process: loss, every gradient and 5 AdamW steps with global-norm clipping (gloo, CPU, fp32).
 
 Each test spawns one set of processes and checks several grids with a Llama-style model (GQA, no bias) and a
-GPT-2-style one (biases in both layer layouts, LayerNorm, learned positions, tied head).
+GPT-2-style one (biases in both layer layouts, LayerNorm, learned positions, tied head), odd sizes (padded depth
+shards), and ZeRO-1 (optimizer state sharded over data).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def _assert_equal(results: list[dict]) -> None:
 
 def test_two_rank_grids(tmp_path):
     grids = [dict(data=2), dict(depth=2), dict(row=2), dict(col=2)]
-    _assert_equal(_run(2, grids, tmp_path, extra_cases=[("odd", dict(depth=2))]))
+    extra = [("odd", dict(depth=2)), ("gpt2", dict(data=2), True), ("odd", dict(data=2), True)]
+    _assert_equal(_run(2, grids, tmp_path, extra_cases=extra))
 
 
 def test_four_rank_grids(tmp_path):
@@ -49,4 +51,4 @@ def test_four_rank_grids(tmp_path):
 
 def test_eight_rank_grids(tmp_path):
     grids = [dict(data=2, depth=2, row=2), dict(row=2, col=2, depth=2)]
-    _assert_equal(_run(8, grids, tmp_path))
+    _assert_equal(_run(8, grids, tmp_path, extra_cases=[("llama", dict(data=2, depth=2, row=2), True)]))

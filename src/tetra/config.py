@@ -75,6 +75,7 @@ class ParallelConfig:
     depth: int = 0  # ranks that shard each weight block (like FSDP inside the tensor-parallel block); other samples
     row: int = 0  # splits attention heads, the MLP width and the vocabulary
     col: int = 0  # splits the hidden size (innermost: the fastest links)
+    zero1: bool = False  # also shard optimizer state over data (ZeRO-1): less memory, one more all-gather per step
 
 
 @dataclass
@@ -206,7 +207,7 @@ def validate_run_config(config: RunConfig, explicit_model: dict[str, Any]) -> li
         if value < 1:
             problems.append(f"{name} must be at least 1 (got {value})")
     problems += [f"parallel.{name} must be >= 0 (got {value})" for name, value in vars(config.parallel).items()
-                 if value < 0]
+                 if not isinstance(value, bool) and value < 0]
     if train.lr <= 0:
         problems.append(f"train.lr must be positive (got {train.lr})")
     if not 0 <= train.min_lr_ratio <= 1:

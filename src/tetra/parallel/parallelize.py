@@ -51,14 +51,19 @@ def parallelize(model: Transformer, grid: ProcessGrid) -> Transformer:
     return model
 
 
-def sync_gradients(model: nn.Module, grid: ProcessGrid) -> None:
+def sync_gradients(model: nn.Module, grid: ProcessGrid, include_data: bool = True) -> None:
     """Sum gradients over the ranks that saw other samples: depth-sharded weights were already summed over depth by
-    their reduce-scatter, so only over data; everything else (replicated over depth) over data x depth."""
+    their reduce-scatter, so only over data; everything else (replicated over depth) over data x depth.
+    include_data=False leaves the data sum to a ZeRO-1 optimizer's reduce-scatter."""
     for parameter in model.parameters():
         if parameter.grad is None:
             continue
         layout = getattr(parameter, "tetra_layout", None)
-        group = grid.groups["data"] if layout is not None and layout.depth else grid.groups["batch"]
+        depth_sharded = layout is not None and layout.depth
+        if include_data:
+            group = grid.groups["data"] if depth_sharded else grid.groups["batch"]
+        else:
+            group = None if depth_sharded else grid.groups["depth"]
         all_reduce(parameter.grad, group)
 
 

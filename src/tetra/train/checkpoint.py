@@ -23,6 +23,7 @@ from tetra.model.safetensors_io import read_tensors, write_tensors
 from tetra.model.sharded_io import has_shards, read_sharded_tensors, sharded_metadata
 from tetra.parallel.grid import ProcessGrid
 from tetra.parallel.layout import shard
+from tetra.parallel.zero import set_optimizer_state
 from tetra.train.distributed import is_main_rank
 from tetra.train.sharded_checkpoint import load_shards, save_shards
 
@@ -181,5 +182,5 @@ def _load_optimizer(tensors: dict[str, torch.Tensor], model: Transformer, optimi
     for key, value in tensors.items():
         name, field = key.rsplit("/", 1)
         parameter = parameters[name]
-        value = _piece(value, parameter, grid)
-        optimizer.state[parameter][field] = value.to(parameter.device)  # fused AdamW keeps "step" there too
+        # fused AdamW keeps "step" on the parameter's device too
+        set_optimizer_state(optimizer, parameter, field, _piece(value, parameter, grid))

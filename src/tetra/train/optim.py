@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from tetra.config import TrainConfig
+from tetra.parallel.grid import ProcessGrid
 from tetra.parallel.tensor_parallel import TensorParallelLinear
+from tetra.parallel.zero import ZeroOptimizer
 
 # Modules whose weight is a matrix to decay: plain and tensor-parallel (its shard is flat, but still a matrix).
 LINEAR_TYPES = (nn.Linear, TensorParallelLinear)
@@ -36,12 +38,20 @@ def _tied_embedding(model: nn.Module) -> torch.Tensor | None:
     return embed.weight if isinstance(embed, nn.Embedding) else None
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW, fused where torch has a fused kernel for the parameters' device."""
+def build_optimizer(model: nn.Module, config: TrainConfig, grid: ProcessGrid | None = None,
+                    zero1: bool = False) -> torch.optim.Optimizer | ZeroOptimizer:
+    """AdamW, fused where torch has a fused kernel for the parameters' device; with zero1 on a grid with several
+    data ranks, its state is sharded over them."""
     groups = parameter_groups(model, config.weight_decay)
-    device = next(model.parameters()).device
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, fused=fused)
+    fused = next(model.parameters()).device.type in ("cuda", "cpu")
+
+    def adamw(param_groups: list[dict]) -> torch.optim.AdamW:
+        return torch.optim.AdamW(param_groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
+                                 fused=fused)
+
+    if zero1 and grid is not None and grid.size("data") > 1:
+        return ZeroOptimizer(groups, grid, adamw)
+    return adamw(groups)
 
 
 def lr_at(step: int, config: TrainConfig) -> float:

@@ -12,6 +12,7 @@ from tetra.model import Transformer
 from tetra.parallel.collectives import all_reduce
 from tetra.parallel.grid import ProcessGrid
 from tetra.parallel.parallelize import clip_global_grad_norm, parallel_next_token_loss, sync_gradients
+from tetra.parallel.zero import ZeroOptimizer
 from tetra.train.losses import next_token_loss
 
 
@@ -30,11 +31,14 @@ class Replica:
         backward_loss, loss_sum = parallel_next_token_loss(model, tokens, self.grid, global_labels)
         return backward_loss, loss_sum, global_labels
 
-    def finish_backward(self, model: Transformer, max_norm: float) -> float:
+    def finish_backward(self, model: Transformer, max_norm: float, optimizer: object) -> float:
         """Reduce gradients where copies exist, then clip the global norm (0 = measure only); returns the norm."""
         if self.grid is None:
             limit = max_norm if max_norm > 0 else float("inf")
             return float(torch.nn.utils.clip_grad_norm_(model.parameters(), limit))
+        if isinstance(optimizer, ZeroOptimizer):
+            sync_gradients(model, self.grid, include_data=False)
+            return optimizer.reduce_and_clip(max_norm)
         sync_gradients(model, self.grid)
         return clip_global_grad_norm(model, self.grid, max_norm)
 

@@ -17,6 +17,7 @@ from tetra.model import Transformer
 from tetra.model.sharded_io import SHARDS, sharded_metadata
 from tetra.parallel.grid import DIMENSIONS, ProcessGrid
 from tetra.parallel.layout import Layout, gather_block, shard
+from tetra.parallel.zero import optimizer_state_of, set_optimizer_state
 
 
 def _mesh(grid: ProcessGrid, device: torch.device) -> DeviceMesh:
@@ -41,7 +42,7 @@ def _entries(model: Transformer, optimizer: torch.optim.Optimizer):
     """(checkpoint name, tensor, its parameter) for weights and optimizer state."""
     for name, parameter in model.named_parameters():
         yield f"model/{name}", parameter, parameter
-        for key, value in optimizer.state.get(parameter, {}).items():
+        for key, value in optimizer_state_of(optimizer, parameter).items():
             yield f"optim/{name}/{key}", value, parameter
 
 
@@ -84,7 +85,7 @@ def load_shards(folder: Path, model: Transformer, optimizer: torch.optim.Optimiz
                 parameter = parameters[name]
                 local = value if not isinstance(value, DTensor) else _depth_piece(value.to_local(),
                                                                                    parameter.tetra_layout, grid)
-                optimizer.state[parameter][field] = local.to(parameter.device)
+                set_optimizer_state(optimizer, parameter, field, local)
 
 
 def _depth_piece(block: torch.Tensor, layout: Layout, grid: ProcessGrid) -> torch.Tensor:

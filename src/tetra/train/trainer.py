@@ -82,7 +82,7 @@ class Loop:
             (loss / train.grad_accum).backward()
             total += loss_sum
             labels += counted
-        grad_norm = self.replica.finish_backward(self.model, train.grad_clip)
+        grad_norm = self.replica.finish_backward(self.model, train.grad_clip, self.optimizer)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return self.replica.mean(total, labels), grad_norm
@@ -143,7 +143,7 @@ def build_loop(config: RunConfig, explicit_model: dict[str, Any]) -> tuple[Loop,
     if config.train.activation_checkpointing:
         enable_activation_checkpointing(model)
     forward_model = torch.compile(model) if config.train.compile else model
-    optimizer = build_optimizer(model, config.train)
+    optimizer = build_optimizer(model, config.train, grid, config.parallel.zero1)
     autocast_dtype, precision_reason = choose_autocast_dtype(config.train.precision, device)
     loop = Loop(config, model, forward_model, optimizer, train_batches, val_batches, autocast_dtype, precision_reason,
                 device, replica)
