@@ -6,10 +6,9 @@ Entry points: has_shards(folder) and read_sharded_tensors(folder, prefix).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from tetra.errors import CheckpointError
 
@@ -20,8 +19,12 @@ def has_shards(folder: Path) -> bool:
     return (folder / SHARDS / ".metadata").is_file()
 
 
-def sharded_metadata(folder: Path) -> dict[str, TensorStorageMetadata]:
-    """Name -> size and dtype of every tensor in the DCP folder."""
+def sharded_metadata(folder: Path) -> dict[str, Any]:
+    """Name -> size and dtype (TensorStorageMetadata) of every tensor in the DCP folder."""
+    # Imported here: torch.distributed.checkpoint costs over a second at start-up, and most commands never need it.
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     try:
         metadata = dcp.FileSystemReader(str(folder / SHARDS)).read_metadata()
     except Exception as error:  # DCP raises several types for damaged metadata
@@ -32,6 +35,8 @@ def sharded_metadata(folder: Path) -> dict[str, TensorStorageMetadata]:
 
 def read_sharded_tensors(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
     """Every tensor whose name starts with prefix, at full size (the prefix removed from the names)."""
+    import torch.distributed.checkpoint as dcp
+
     wanted = {name: item for name, item in sharded_metadata(folder).items() if name.startswith(prefix)}
     state = {name: torch.zeros(tuple(item.size), dtype=item.properties.dtype) for name, item in wanted.items()}
     try:

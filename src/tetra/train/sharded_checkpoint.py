@@ -7,11 +7,9 @@ Entry points: save_shards(folder, model, optimizer, grid) and load_shards(folder
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from tetra.model import Transformer
 from tetra.model.sharded_io import SHARDS, sharded_metadata
@@ -19,21 +17,30 @@ from tetra.parallel.grid import DIMENSIONS, ProcessGrid
 from tetra.parallel.layout import Layout, gather_block, shard
 from tetra.parallel.zero import optimizer_state_of, set_optimizer_state
 
+# torch.distributed.checkpoint and DTensor are imported inside the functions: together they cost over a second at
+# start-up, and only parallel runs that save or load need them.
 
-def _mesh(grid: ProcessGrid, device: torch.device) -> DeviceMesh:
+
+def _mesh(grid: ProcessGrid, device: torch.device) -> Any:
     """A DeviceMesh with the grid's rank order (row-major over data, depth, row, col, like ProcessGrid)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
     shape = tuple(getattr(grid.shape, name) for name in DIMENSIONS)
     return init_device_mesh(device.type, shape, mesh_dim_names=DIMENSIONS)
 
 
 def _placements(layout: Layout) -> list:
     """Replicated over data and depth (depth shards are gathered to whole blocks), split like the layout."""
+    from torch.distributed.tensor import Replicate, Shard
+
     row = Shard(layout.row_dim) if layout.row_dim is not None else Replicate()
     col = Shard(layout.col_dim) if layout.col_dim is not None else Replicate()
     return [Replicate(), Replicate(), row, col]
 
 
-def _as_dtensor(block: torch.Tensor, layout: Layout, mesh: DeviceMesh) -> DTensor:
+def _as_dtensor(block: torch.Tensor, layout: Layout, mesh: Any) -> Any:
+    from torch.distributed.tensor import DTensor
+
     full = torch.empty(layout.full_shape, device="meta")
     return DTensor.from_local(block, mesh, _placements(layout), shape=full.shape, stride=full.stride())
 
@@ -48,6 +55,8 @@ def _entries(model: Transformer, optimizer: torch.optim.Optimizer):
 
 def save_shards(folder: Path, model: Transformer, optimizer: torch.optim.Optimizer, grid: ProcessGrid) -> None:
     """Collective: every rank writes its blocks under folder/shards (replicated pieces are written once)."""
+    import torch.distributed.checkpoint as dcp
+
     mesh = _mesh(grid, next(model.parameters()).device)
     state = {}
     for key, value, parameter in _entries(model, optimizer):
@@ -61,6 +70,9 @@ def save_shards(folder: Path, model: Transformer, optimizer: torch.optim.Optimiz
 
 def load_shards(folder: Path, model: Transformer, optimizer: torch.optim.Optimizer, grid: ProcessGrid) -> None:
     """Collective: read this rank's pieces of a sharded checkpoint written on any grid."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.tensor import DTensor
+
     mesh = _mesh(grid, next(model.parameters()).device)
     names = sharded_metadata(folder)
     parameters = dict(model.named_parameters())

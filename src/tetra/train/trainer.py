@@ -23,6 +23,7 @@ from tetra.errors import CheckpointError, TetraError
 from tetra.files import write_json
 from tetra.model import Transformer
 from tetra.parallel.parallelize import parallelize
+from tetra.parallel.zero import ZeroOptimizer
 from tetra.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tetra.train.distributed import any_rank, is_main_rank, start_distributed
 from tetra.train.metrics import MetricsSink, flops_per_token, peak_flops, plot_losses, truncate_metrics
@@ -56,7 +57,7 @@ class Loop:
     config: RunConfig
     model: Transformer
     forward_model: torch.nn.Module  # the compiled model when train.compile is on
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | ZeroOptimizer
     train_batches: PackedBatches
     val_batches: PackedBatches | None
     autocast_dtype: torch.dtype | None
