@@ -1,0 +1,175 @@
+"""The performance model: predicted step time (compute + each collective) and memory per device for every valid
+grid, from a machine profile. Follows SPECS section 1 (ring costs per GEMM), with compute included.
+
+Entry points: MachineProfile.load(name_or_path), valid_grids(...), predict(...), plan(...).
+Communication is not overlapped yet, so the model adds it to compute rather than hiding any of it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tetra.errors import ConfigError
+from tetra.model.config import ModelConfig
+from tetra.parallel.grid import GridShape, check_grid
+
+MACHINES = Path(__file__).with_name("machines")
+# Bytes per value: activations and weights move in bf16; gradients are reduced in fp32 (master precision).
+ACTIVATION_BYTES, WEIGHT_BYTES, GRADIENT_BYTES = 2, 2, 4
+
+
+@dataclass(frozen=True)
+class MachineProfile:
+    """What the model needs to know about a machine (shipped TOML files document their sources)."""
+
+    name: str
+    devices_per_node: int
+    memory_gb: float
+    peak_flops: float
+    gemm_flops: float  # sustained matrix-multiply FLOP/s of one device
+    intra_node_bandwidth: float  # bytes/s per device per direction inside a node
+    inter_node_bandwidth: float  # bytes/s per device per direction across nodes
+
+    @classmethod
+    def load(cls, name_or_path: str) -> MachineProfile:
+        path = Path(name_or_path)
+        if not path.is_file():
+            path = MACHINES / f"{name_or_path}.toml"
+        if not path.is_file():
+            shipped = ", ".join(sorted(p.stem for p in MACHINES.glob("*.toml")))
+            raise ConfigError(f"No machine profile {name_or_path!r}: pass a TOML file or one of: {shipped}.")
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+        try:
+            return cls(**values)
+        except TypeError as error:
+            raise ConfigError(f"{path} is not a machine profile ({error}).") from None
+
+
+@dataclass(frozen=True)
+class Gemm:
+    """One weight matrix of the model: `out x in`, normal (out over rows) or transposed (out over columns)."""
+
+    name: str
+    in_features: int
+    out_features: int
+    transposed: bool
+    per_model: int = 1  # how many such matrices the model has
+
+
+def model_gemms(config: ModelConfig) -> list[Gemm]:
+    hidden, heads = config.hidden_size, config.n_heads * config.resolved_head_dim
+    kv = config.kv_heads * config.resolved_head_dim
+    mlp_out = config.mlp_width * (2 if config.gated_mlp else 1)
+    layers = config.n_layers
+    return [Gemm("qkv", hidden, heads + 2 * kv, False, layers), Gemm("o", heads, hidden, True, layers),
+            Gemm("mlp_up", hidden, mlp_out, False, layers), Gemm("mlp_down", config.mlp_width, hidden, True, layers),
+            Gemm("head", hidden, config.vocab_size, False, 1)]
+
+
+def _ring_all_reduce(size: int) -> float:
+    return 2 * (size - 1) / size
+
+
+def _ring_gather(size: int) -> float:
+    return (size - 1) / size
+
+
+def group_bandwidth(machine: MachineProfile, shape: GridShape, dimension: str) -> float:
+    """Column ranks are neighbours, then rows, depth, data: a group inside one node gets the node's links."""
+    stride = {"col": 1, "row": shape.col, "depth": shape.col * shape.row,
+              "data": shape.col * shape.row * shape.depth}[dimension]
+    span = stride * getattr(shape, dimension)
+    return machine.intra_node_bandwidth if span <= machine.devices_per_node else machine.inter_node_bandwidth
+
+
+@dataclass
+class Prediction:
+    """Predicted seconds per optimizer step, by part, and bytes of memory per device."""
+
+    shape: GridShape
+    compute: float = 0.0
+    collectives: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("col", "row", "depth", "data"), 0.0))
+    memory: dict[str, float] = field(default_factory=dict)
+    fits: bool = True
+
+    @property
+    def step_time(self) -> float:
+        return self.compute + sum(self.collectives.values())
+
+
+def _add_gemm(prediction: Prediction, gemm: Gemm, tokens: float, micro_steps: int, machine: MachineProfile) -> None:
+    shape = prediction.shape
+    out_dim, in_dim = ("col", "row") if gemm.transposed else ("row", "col")
+    out_split, in_split = getattr(shape, out_dim), getattr(shape, in_dim)
+    block = gemm.in_features * gemm.out_features / (shape.row * shape.col)
+    local_tokens = tokens / (shape.data * shape.depth)
+    n = gemm.per_model
+    prediction.compute += n * 6 * local_tokens * block / machine.gemm_flops
+    bandwidth = {name: group_bandwidth(machine, shape, name) for name in ("col", "row", "depth", "data")}
+    # Output partials summed over the in-feature group; input gradients over the out-feature group.
+    prediction.collectives[in_dim] += n * _ring_all_reduce(in_split) * local_tokens * gemm.out_features / out_split \
+        * ACTIVATION_BYTES / bandwidth[in_dim]
+    prediction.collectives[out_dim] += n * _ring_all_reduce(out_split) * local_tokens * gemm.in_features / in_split \
+        * ACTIVATION_BYTES / bandwidth[out_dim]
+    # The weight block: gathered over depth in forward and again in backward, its gradient reduce-scattered, once
+    # per micro-batch; the data all-reduce happens once per optimizer step.
+    prediction.collectives["depth"] += n * micro_steps * _ring_gather(shape.depth) * block \
+        * (2 * WEIGHT_BYTES + GRADIENT_BYTES) / bandwidth["depth"]
+    prediction.collectives["data"] += n * _ring_all_reduce(shape.data) * block / shape.depth * GRADIENT_BYTES \
+        / bandwidth["data"]
+
+
+def predict(config: ModelConfig, shape: GridShape, global_batch: int, seq_len: int, machine: MachineProfile,
+            zero1: bool = False, micro_batch: int = 1) -> Prediction:
+    """Step time and memory per device of one grid (bf16 compute, fp32 master weights and AdamW state); each batch
+    rank runs its share as micro-batches of `micro_batch` sequences (gradient accumulation)."""
+    prediction = Prediction(shape)
+    tokens = global_batch * seq_len
+    micro_steps = max(global_batch // (shape.data * shape.depth * micro_batch), 1)
+    for gemm in model_gemms(config):
+        _add_gemm(prediction, gemm, tokens, micro_steps, machine)
+    local_tokens = tokens / (shape.data * shape.depth)
+    attention_width = config.n_heads * config.resolved_head_dim / shape.row
+    prediction.compute += config.n_layers * 3 * 4 * local_tokens * seq_len * attention_width / machine.gemm_flops
+    parameters = config.num_parameters() / (shape.row * shape.col * shape.depth)
+    tensor_parallel = shape.row * shape.col
+    # Stored activations per layer without recomputation, attention scores not kept (flash attention): Korthikanti
+    # et al. 2022, bf16, (10 + 24 / t) bytes per token and hidden unit; plus the fp32 logits of the local vocabulary.
+    micro_tokens = local_tokens / micro_steps
+    activations = config.n_layers * micro_tokens * config.hidden_size * (10 + 24 / tensor_parallel)
+    activations += micro_tokens * config.vocab_size / shape.row * 4
+    prediction.memory = {"parameters": 4 * parameters, "gradients": 4 * parameters,
+                         "optimizer": 8 * parameters / (shape.data if zero1 else 1), "activations": activations}
+    prediction.fits = sum(prediction.memory.values()) <= 0.9 * machine.memory_gb * 1e9
+    return prediction
+
+
+def valid_grids(config: ModelConfig, devices: int, global_batch: int, micro_batch: int = 1) -> list[GridShape]:
+    """Every (data, depth, row, col) with the right product that splits the model and the batch evenly."""
+    shapes = []
+    divisors = [d for d in range(1, devices + 1) if devices % d == 0]
+    for data, depth, row, col in itertools.product(divisors, repeat=4):
+        shape = GridShape(data, depth, row, col)
+        if shape.world != devices or global_batch % (data * depth * micro_batch):
+            continue
+        try:
+            check_grid(shape, config)
+        except ConfigError:
+            continue
+        shapes.append(shape)
+    return shapes
+
+
+def plan(config: ModelConfig, devices: int, global_batch: int, seq_len: int, machine: MachineProfile,
+         zero1: bool = False, micro_batch: int = 1) -> list[Prediction]:
+    """Valid grids ranked: those that fit in memory first, each group by predicted step time."""
+    grids = valid_grids(config, devices, global_batch, micro_batch)
+    if not grids:
+        raise ConfigError(f"No grid of {devices} devices splits this model and a global batch of {global_batch} "
+                          f"(micro-batches of {micro_batch}): the sizes it splits (hidden, heads, KV heads, MLP width, "
+                          "vocabulary) and the batch must divide by the grid's dimensions.")
+    predictions = [predict(config, shape, global_batch, seq_len, machine, zero1, micro_batch) for shape in grids]
+    return sorted(predictions, key=lambda p: (not p.fits, p.step_time))

@@ -1,0 +1,72 @@
+"""The performance model behind `tetra plan`: valid grids, communication where it belongs, memory, and the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from tetra.cli import main
+from tetra.errors import ConfigError
+from tetra.model.presets import preset_config
+from tetra.parallel.grid import GridShape
+from tetra.parallel.planner import MachineProfile, group_bandwidth, plan, predict, valid_grids
+
+LLAMA_8B = preset_config("llama-8b")
+
+
+@pytest.mark.parametrize("name", ["perlmutter", "frontier", "alps", "dgx-h100"])
+def test_shipped_profiles_load(name):
+    machine = MachineProfile.load(name)
+    assert machine.gemm_flops < machine.peak_flops and machine.inter_node_bandwidth < machine.intra_node_bandwidth
+
+
+def test_every_grid_is_valid_and_each_dimension_only_costs_when_used():
+    machine = MachineProfile.load("dgx-h100")
+    grids = valid_grids(LLAMA_8B, 16, global_batch=64)
+    assert grids and all(g.world == 16 for g in grids)
+    assert GridShape(data=16) in grids and GridShape(row=8, col=2) in grids
+    data_only = predict(LLAMA_8B, GridShape(data=16), 64, 2048, machine)
+    assert data_only.collectives["col"] == data_only.collectives["row"] == data_only.collectives["depth"] == 0
+    assert data_only.collectives["data"] > 0
+    tensor = predict(LLAMA_8B, GridShape(row=2, col=8), 64, 2048, machine)
+    assert tensor.collectives["data"] == 0 and tensor.collectives["col"] > 0 and tensor.collectives["row"] > 0
+
+
+def test_groups_that_leave_the_node_use_the_slower_links():
+    machine = MachineProfile.load("perlmutter")  # 4 devices per node
+    assert group_bandwidth(machine, GridShape(row=2, col=4), "col") == machine.intra_node_bandwidth
+    assert group_bandwidth(machine, GridShape(row=2, col=4), "row") == machine.inter_node_bandwidth
+    shape = GridShape(row=2, col=4)
+    across = predict(LLAMA_8B, shape, 64, 2048, machine)
+    inside = predict(LLAMA_8B, shape, 64, 2048, dataclasses.replace(machine, devices_per_node=8))
+    assert inside.collectives["col"] == pytest.approx(across.collectives["col"])  # the column group fits either way
+    ratio = machine.intra_node_bandwidth / machine.inter_node_bandwidth
+    assert across.collectives["row"] == pytest.approx(inside.collectives["row"] * ratio)
+
+
+def test_memory_shrinks_with_sharding_and_is_checked_against_the_device():
+    machine = MachineProfile.load("dgx-h100")
+    alone = predict(LLAMA_8B, GridShape(data=8), 64, 2048, machine)
+    sharded = predict(LLAMA_8B, GridShape(depth=8), 64, 2048, machine)
+    zero = predict(LLAMA_8B, GridShape(data=8), 64, 2048, machine, zero1=True)
+    assert not alone.fits  # 8B parameters x 16 bytes of weights, gradients and AdamW state on one 80 GB GPU
+    assert sharded.fits and sharded.memory["parameters"] == pytest.approx(alone.memory["parameters"] / 8)
+    assert zero.memory["optimizer"] == pytest.approx(alone.memory["optimizer"] / 8)
+    ranked = plan(LLAMA_8B, 8, 64, 2048, machine)
+    assert ranked[0].fits and all(a.step_time <= b.step_time for a, b in zip(ranked, ranked[1:], strict=False)
+                                  if a.fits == b.fits)
+
+
+def test_plan_command(capsys):
+    assert main(["plan", "--model", "llama-1b", "--devices", "8", "--machine", "dgx-h100", "--global-batch", "64",
+                 "--seq", "2048", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["machine"] == "dgx-h100" and len(result["grids"]) > 5
+    assert {"grid", "step_s", "compute_s", "collectives_s", "memory_gb", "fits"} <= set(result["grids"][0])
+    assert main(["plan", "--model", "tiny", "--devices", "4", "--machine", "nowhere", "--global-batch", "8",
+                 "--seq", "64"]) == 2
+    assert "No machine profile 'nowhere'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="No grid of 7 devices"):
+        plan(preset_config("tiny"), 7, 8, 64, MachineProfile.load("alps"))
