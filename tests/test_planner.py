@@ -70,3 +70,14 @@ def test_plan_command(capsys):
     assert "No machine profile 'nowhere'" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="No grid of 7 devices"):
         plan(preset_config("tiny"), 7, 8, 64, MachineProfile.load("alps"))
+
+
+def test_calibrate_writes_a_profile_that_plan_reads(tmp_path, capsys):
+    profile = tmp_path / "node.toml"
+    assert main(["calibrate", "--processes", "2", "--out", str(profile), "--device", "cpu"]) == 0
+    machine = MachineProfile.load(str(profile))
+    assert machine.devices_per_node == 2 and machine.gemm_flops > 1e9 and machine.intra_node_bandwidth > 1e6
+    capsys.readouterr()
+    assert main(["plan", "--model", "tiny", "--devices", "2", "--machine", str(profile), "--global-batch", "4",
+                 "--seq", "64", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["grids"]) >= 3

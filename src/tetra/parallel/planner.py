@@ -7,6 +7,7 @@ Communication is not overlapped yet, so the model adds it to compute rather than
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import tomllib
 from dataclasses import dataclass, field
@@ -41,11 +42,15 @@ class MachineProfile:
         if not path.is_file():
             shipped = ", ".join(sorted(p.stem for p in MACHINES.glob("*.toml")))
             raise ConfigError(f"No machine profile {name_or_path!r}: pass a TOML file or one of: {shipped}.")
-        values = tomllib.loads(path.read_text(encoding="utf-8"))
         try:
-            return cls(**values)
-        except TypeError as error:
-            raise ConfigError(f"{path} is not a machine profile ({error}).") from None
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path} is not valid TOML: {error}.") from None
+        known = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(known - set(values))
+        if missing:
+            raise ConfigError(f"{path} is not a machine profile: it lacks {', '.join(missing)}.")
+        return cls(**{key: values[key] for key in known})  # other tables (raw measurements) are kept for people
 
 
 @dataclass(frozen=True)

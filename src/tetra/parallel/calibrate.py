@@ -1,0 +1,101 @@
+"""Measuring a machine into a profile the planner reads: GEMM throughput by shape and dtype, and collective
+bandwidth by group size across local processes.
+
+Entry point: calibrate(processes, device) -> dict (a machine profile plus the raw measurements).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tetra.train.metrics import measured_gemm_flops
+
+GEMM_SIZES = (512, 1024, 2048)
+MESSAGE_BYTES = (1 << 20, 1 << 24)  # 1 MiB and 16 MiB
+
+
+def measure_gemms(device: torch.device) -> list[dict]:
+    """Square-GEMM FLOP/s for each size and dtype (best of several rounds)."""
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for size in GEMM_SIZES:
+            rows.append({"dtype": str(dtype).removeprefix("torch."), "size": size,
+                         "flops": measured_gemm_flops(dtype, device, size)})
+    return rows
+
+
+def _timed(operation, group: dist.ProcessGroup, repeats: int = 5) -> float:
+    """Seconds per call; barriers on the measured group only (ranks outside it are not taking part)."""
+    operation()
+    dist.barrier(group=group)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        operation()
+    dist.barrier(group=group)
+    return (time.perf_counter() - start) / repeats
+
+
+def _collective_worker(rank: int, world: int, port: int, backend: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    rows = []
+    size = 2
+    while size <= world:
+        group = dist.new_group(list(range(size)))
+        for message in MESSAGE_BYTES:
+            tensor = torch.ones(message // 4, device=device)
+            pieces = [torch.empty_like(tensor) for _ in range(size)]
+            if rank < size:
+                reduce_s = _timed(lambda t=tensor, g=group: dist.all_reduce(t, group=g), group)
+                gather_s = _timed(lambda t=tensor, p=pieces, g=group: dist.all_gather(p, t, group=g), group)
+                rows.append({"group": size, "bytes": message,
+                             "all_reduce_bus_bandwidth": 2 * (size - 1) / size * message / reduce_s,
+                             "all_gather_bus_bandwidth": (size - 1) * message / gather_s})
+            dist.barrier()
+        size *= 2
+    if rank == 0:
+        import json
+
+        with open(out, "w") as handle:
+            json.dump(rows, handle)
+    dist.destroy_process_group()
+
+
+def measure_collectives(processes: int, backend: str) -> list[dict]:
+    """Bus bandwidth (bytes/s per rank, ring-normalized) of all-reduce and all-gather for groups of 2, 4, ..."""
+    import json
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory() as scratch:
+        out = os.path.join(scratch, "collectives.json")
+        mp.spawn(_collective_worker, args=(processes, port, backend, out), nprocs=processes, join=True)
+        with open(out) as handle:
+            return json.load(handle)
+
+
+def calibrate(processes: int, device: torch.device, name: str = "local") -> dict:
+    """A machine profile of this node: the best measured bf16 GEMM, and the bandwidth of the largest local group.
+    The inter-node figure cannot be measured on one node; it is set equal to the intra-node one (edit it)."""
+    gemms = measure_gemms(device)
+    collectives = measure_collectives(processes, "nccl" if device.type == "cuda" else "gloo") if processes > 1 else []
+    best_gemm = max(row["flops"] for row in gemms if row["dtype"] == "bfloat16")
+    largest = [row for row in collectives if row["group"] == max((r["group"] for r in collectives), default=0)]
+    bandwidth = max((row["all_reduce_bus_bandwidth"] for row in largest), default=0.0)
+    if device.type == "cuda":
+        memory_gb = torch.cuda.get_device_properties(device).total_memory / 1e9
+    else:
+        memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9 / max(processes, 1)
+    profile = {"name": name, "devices_per_node": processes, "memory_gb": round(memory_gb, 1),
+               "peak_flops": best_gemm, "gemm_flops": best_gemm, "intra_node_bandwidth": bandwidth,
+               "inter_node_bandwidth": bandwidth}
+    return {"profile": profile, "gemm": gemms, "collectives": collectives}
