@@ -19,7 +19,7 @@ from tetra.parallel.grid import GridShape, check_grid
 
 MACHINES = Path(__file__).with_name("machines")
 # Bytes per value: activations and weights move in bf16; gradients are reduced in fp32 (master precision).
-ACTIVATION_BYTES, WEIGHT_BYTES, GRADIENT_BYTES = 2, 2, 4
+ACTIVATION_BYTES, GRADIENT_BYTES = 2, 4
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,8 @@ class Prediction:
         return self.compute + sum(self.collectives.values())
 
 
-def _add_gemm(prediction: Prediction, gemm: Gemm, tokens: float, micro_steps: int, machine: MachineProfile) -> None:
+def _add_gemm(prediction: Prediction, gemm: Gemm, tokens: float, micro_steps: int, machine: MachineProfile,
+              value_bytes: int) -> None:
     shape = prediction.shape
     out_dim, in_dim = ("col", "row") if gemm.transposed else ("row", "col")
     out_split, in_split = getattr(shape, out_dim), getattr(shape, in_dim)
@@ -116,26 +117,27 @@ def _add_gemm(prediction: Prediction, gemm: Gemm, tokens: float, micro_steps: in
     bandwidth = {name: group_bandwidth(machine, shape, name) for name in ("col", "row", "depth", "data")}
     # Output partials summed over the in-feature group; input gradients over the out-feature group.
     prediction.collectives[in_dim] += n * _ring_all_reduce(in_split) * local_tokens * gemm.out_features / out_split \
-        * ACTIVATION_BYTES / bandwidth[in_dim]
+        * value_bytes / bandwidth[in_dim]
     prediction.collectives[out_dim] += n * _ring_all_reduce(out_split) * local_tokens * gemm.in_features / in_split \
-        * ACTIVATION_BYTES / bandwidth[out_dim]
+        * value_bytes / bandwidth[out_dim]
     # The weight block: gathered over depth in forward and again in backward, its gradient reduce-scattered, once
     # per micro-batch; the data all-reduce happens once per optimizer step.
     prediction.collectives["depth"] += n * micro_steps * _ring_gather(shape.depth) * block \
-        * (2 * WEIGHT_BYTES + GRADIENT_BYTES) / bandwidth["depth"]
+        * (2 * value_bytes + GRADIENT_BYTES) / bandwidth["depth"]
     prediction.collectives["data"] += n * _ring_all_reduce(shape.data) * block / shape.depth * GRADIENT_BYTES \
         / bandwidth["data"]
 
 
 def predict(config: ModelConfig, shape: GridShape, global_batch: int, seq_len: int, machine: MachineProfile,
-            zero1: bool = False, micro_batch: int = 1) -> Prediction:
+            zero1: bool = False, micro_batch: int = 1, value_bytes: int = ACTIVATION_BYTES) -> Prediction:
     """Step time and memory per device of one grid (bf16 compute, fp32 master weights and AdamW state); each batch
-    rank runs its share as micro-batches of `micro_batch` sequences (gradient accumulation)."""
+    rank runs its share as micro-batches of `micro_batch` sequences (gradient accumulation). value_bytes is the
+    width of activations and gathered weights: 2 for bf16 training, 4 for fp32."""
     prediction = Prediction(shape)
     tokens = global_batch * seq_len
     micro_steps = max(global_batch // (shape.data * shape.depth * micro_batch), 1)
     for gemm in model_gemms(config):
-        _add_gemm(prediction, gemm, tokens, micro_steps, machine)
+        _add_gemm(prediction, gemm, tokens, micro_steps, machine, value_bytes)
     local_tokens = tokens / (shape.data * shape.depth)
     attention_width = config.n_heads * config.resolved_head_dim / shape.row
     prediction.compute += config.n_layers * 3 * 4 * local_tokens * seq_len * attention_width / machine.gemm_flops
