@@ -81,3 +81,20 @@ def test_calibrate_writes_a_profile_that_plan_reads(tmp_path, capsys):
     assert main(["plan", "--model", "tiny", "--devices", "2", "--machine", str(profile), "--global-batch", "4",
                  "--seq", "64", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["grids"]) >= 3
+
+
+def test_auto_grid_keeps_the_global_batch_and_takes_the_best_plan():
+    from tetra.config import build_run_config
+    from tetra.train.setup import auto_grid
+
+    config = build_run_config({"data": {"path": "x", "seq_len": 2048}, "train": {"batch_size": 4, "warmup_steps": 1},
+                               "parallel": {"auto": True, "machine": "dgx-h100"}})
+    chosen, summary = auto_grid(config, LLAMA_8B, world=8)
+    p = chosen.parallel
+    assert p.data * p.depth * p.row * p.col == 8
+    assert chosen.train.batch_size * p.data * p.depth == 4 * 8
+    best = plan(LLAMA_8B, 8, 32, 2048, MachineProfile.load("dgx-h100"), micro_batch=1)[0].shape
+    assert (p.data, p.depth, p.row, p.col) == (best.data, best.depth, best.row, best.col)
+    assert "parallel.auto on 8 x dgx-h100" in summary
+    with pytest.raises(ConfigError, match="parallel.auto needs parallel.machine"):
+        build_run_config({"data": {"path": "x"}, "train": {"warmup_steps": 1}, "parallel": {"auto": True}})

@@ -76,6 +76,8 @@ class ParallelConfig:
     row: int = 0  # splits attention heads, the MLP width and the vocabulary
     col: int = 0  # splits the hidden size (innermost: the fastest links)
     zero1: bool = False  # also shard optimizer state over data (ZeRO-1): less memory, one more all-gather per step
+    auto: bool = False  # let the performance model pick the grid (needs parallel.machine); overrides data/depth/row/col
+    machine: str = ""  # machine profile for auto: a shipped name (perlmutter, ...) or a file from `tetra calibrate`
 
 
 @dataclass
@@ -207,7 +209,10 @@ def validate_run_config(config: RunConfig, explicit_model: dict[str, Any]) -> li
         if value < 1:
             problems.append(f"{name} must be at least 1 (got {value})")
     problems += [f"parallel.{name} must be >= 0 (got {value})" for name, value in vars(config.parallel).items()
-                 if not isinstance(value, bool) and value < 0]
+                 if isinstance(value, int) and not isinstance(value, bool) and value < 0]
+    if config.parallel.auto and not config.parallel.machine:
+        problems.append("parallel.auto needs parallel.machine: a shipped profile (perlmutter, frontier, alps, "
+                        "dgx-h100) or a file written by `tetra calibrate`")
     if train.lr <= 0:
         problems.append(f"train.lr must be positive (got {train.lr})")
     if not 0 <= train.min_lr_ratio <= 1:

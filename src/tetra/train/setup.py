@@ -94,6 +94,25 @@ def build_model_for_run(config: RunConfig, explicit_model: dict[str, Any], data:
     return model.train(), tokenizer_folder
 
 
+def auto_grid(config: RunConfig, model_config: ModelConfig, world: int) -> tuple[RunConfig, str]:
+    """The config with the planner's best grid for `world` ranks and the machine profile, keeping the global batch
+    (train.batch_size x world sequences per micro-step) the same; and a line saying what was chosen."""
+    from tetra.parallel.planner import MachineProfile, plan
+
+    machine = MachineProfile.load(config.parallel.machine)
+    global_batch = config.train.batch_size * world
+    best = plan(model_config, world, global_batch, config.data.seq_len, machine, config.parallel.zero1,
+                micro_batch=1)[0]
+    shape = best.shape
+    batch_size = global_batch // (shape.data * shape.depth)
+    parallel = dataclasses.replace(config.parallel, data=shape.data, depth=shape.depth, row=shape.row, col=shape.col)
+    train = dataclasses.replace(config.train, batch_size=batch_size)
+    summary = (f"parallel.auto on {world} x {machine.name}: data {shape.data} x depth {shape.depth} x row {shape.row} "
+               f"x col {shape.col}, {batch_size} sequences per batch rank; predicted {best.step_time * 1000:.1f} ms "
+               f"per micro-step, {sum(best.memory.values()) / 1e9:.2f} GB per device")
+    return dataclasses.replace(config, parallel=parallel, train=train), summary
+
+
 def enable_activation_checkpointing(model: Transformer) -> None:
     """Recompute each block's activations during backward; the model file and state-dict names stay unchanged."""
     for block in model.blocks:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -22,16 +23,17 @@ from tetra.data.shards import PreparedData
 from tetra.errors import CheckpointError, TetraError
 from tetra.files import write_json
 from tetra.model import Transformer
+from tetra.model.io import read_model_config
 from tetra.parallel.parallelize import parallelize
 from tetra.parallel.zero import ZeroOptimizer
 from tetra.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from tetra.train.distributed import any_rank, is_main_rank, start_distributed
+from tetra.train.distributed import any_rank, is_main_rank, launched_world_size, start_distributed
 from tetra.train.metrics import MetricsSink, flops_per_token, peak_flops, plot_losses, truncate_metrics
 from tetra.train.optim import build_optimizer, lr_at, set_lr
 from tetra.train.precision import choose_autocast_dtype
 from tetra.train.progress import ProgressReporter
 from tetra.train.replica import Replica
-from tetra.train.setup import build_model_for_run, enable_activation_checkpointing
+from tetra.train.setup import auto_grid, build_model_for_run, enable_activation_checkpointing, resolve_model_config
 from tetra.train.signals import StopRequest
 
 
@@ -133,10 +135,24 @@ def _resume_folder(resume: str | None, run_dir: Path) -> Path | None:
     return folder
 
 
+def _with_auto_grid(config: RunConfig, explicit_model: dict[str, Any], data: PreparedData) -> RunConfig:
+    """Replace the grid (and per-rank batch) by the performance model's best for the launched world size."""
+    if config.init.checkpoint:
+        model_config = read_model_config(config.init.checkpoint)
+    else:
+        model_config = resolve_model_config(config, explicit_model, data)
+    config, summary = auto_grid(config, model_config, launched_world_size())
+    if int(os.environ.get("RANK", "0")) == 0:  # the process group does not exist yet
+        sys.stderr.write(summary + "\n")
+    return config
+
+
 def build_loop(config: RunConfig, explicit_model: dict[str, Any]) -> tuple[Loop, Path]:
+    data = PreparedData.open(config.data.path)
+    if config.parallel.auto:
+        config = _with_auto_grid(config, explicit_model, data)
     grid, device = start_distributed(config)
     replica = Replica(grid)
-    data = PreparedData.open(config.data.path)
     train_batches, val_batches = _open_batches(config, data, replica)
     model, tokenizer_folder = build_model_for_run(config, explicit_model, data, device)
     if grid is not None:
@@ -200,6 +216,7 @@ def train(config: RunConfig, explicit_model: dict[str, Any], resume: str | None 
     run_dir = Path(config.run.dir)
     resume_from = _resume_folder(resume, run_dir)
     loop, tokenizer_folder = build_loop(config, explicit_model)
+    config = loop.config  # parallel.auto may have chosen the grid and the per-rank batch
     grid = loop.replica.grid
     start_step = 0
     if resume_from is not None:
