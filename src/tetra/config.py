@@ -243,7 +243,8 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
     return build_run_config(values), dict(values.get("model", {}))
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """One TOML value: scalars, lists, and inline tables for dicts."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -251,9 +252,9 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items() if v is not None) + " }"
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items() if v is not None) + " }"
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
 
@@ -262,6 +263,6 @@ def dump_toml(values: dict[str, dict[str, Any]]) -> str:
     lines = []
     for section, table in values.items():
         lines.append(f"[{section}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in table.items() if value is not None]
+        lines += [f"{key} = {toml_value(value)}" for key, value in table.items() if value is not None]
         lines.append("")
     return "\n".join(lines)

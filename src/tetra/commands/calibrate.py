@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from tetra.commands.common import print_json
-from tetra.config import _toml_value
+from tetra.config import toml_value
 from tetra.devices import resolve_device
 from tetra.parallel.calibrate import calibrate
 
@@ -34,9 +34,9 @@ def run(args: argparse.Namespace) -> int:
     result = calibrate(args.processes, resolve_device(args.device), args.name)
     lines = ["# Measured by `tetra calibrate`. Single-node measurements: inter_node_bandwidth repeats the intra-node",
              "# figure; set it from your network's specification for multi-node plans."]
-    lines += [f"{key} = {_toml_value(value)}" for key, value in result["profile"].items()]
-    lines += ["", "[measurements]", f"gemm = {_toml_value(result['gemm'])}",
-              f"collectives = {_toml_value(result['collectives'])}", ""]
+    lines += [f"{key} = {toml_value(value)}" for key, value in result["profile"].items()]
+    lines += ["", "[measurements]", f"gemm = {toml_value(result['gemm'])}",
+              f"collectives = {toml_value(result['collectives'])}", ""]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines), encoding="utf-8")
