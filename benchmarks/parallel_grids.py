@@ -8,22 +8,19 @@ so tetra runs it as an all-reduce there and it is counted as one. The performanc
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
-import socket
 import statistics
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from tetra.errors import ConfigError
 from tetra.model import ModelConfig, Transformer
-from tetra.parallel.grid import GridShape, ProcessGrid, check_grid
+from tetra.parallel.grid import ProcessGrid
+from tetra.parallel.launch import spawn_collect
 from tetra.parallel.parallelize import clip_global_grad_norm, parallel_next_token_loss, parallelize, sync_gradients
+from tetra.parallel.planner import valid_grids
 
 
 def parse_args() -> argparse.Namespace:
@@ -59,20 +56,6 @@ class ByteCounter:
         return self.original["all_gather"](tensors, tensor, group=group, async_op=async_op)
 
 
-def valid_grids(world: int, config: ModelConfig) -> list[GridShape]:
-    shapes = []
-    for data, depth, row, col in itertools.product(range(1, world + 1), repeat=4):
-        if data * depth * row * col != world:
-            continue
-        shape = GridShape(data, depth, row, col)
-        try:
-            check_grid(shape, config)
-        except ConfigError:
-            continue
-        shapes.append(shape)
-    return shapes
-
-
 def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -81,7 +64,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
                          intermediate_size=4 * args.width, max_position_embeddings=args.seq)
     counter = ByteCounter()
     rows = []
-    for shape in valid_grids(world, config):
+    for shape in valid_grids(config, world, args.batch):
         grid = ProcessGrid.build(shape)
         torch.manual_seed(0)
         model = Transformer(config)
@@ -115,16 +98,14 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
     dist.destroy_process_group()
 
 
+def measure_grids(args: argparse.Namespace) -> list[dict]:
+    """Step time, bytes and parameters per rank of every valid grid, fastest first."""
+    return sorted(spawn_collect(worker, args.world, args), key=lambda r: r["step_ms"])
+
+
 def main() -> None:
     args = parse_args()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    with tempfile.TemporaryDirectory() as scratch:
-        out = os.path.join(scratch, "grids.json")
-        mp.spawn(worker, args=(args.world, port, args, out), nprocs=args.world, join=True)
-        with open(out) as handle:
-            rows = sorted(json.load(handle), key=lambda r: r["step_ms"])
+    rows = measure_grids(args)
     print(f"model: {args.layers} layers, width {args.width}, vocab {args.vocab}; global batch {args.batch} x "
           f"{args.seq}; {args.world} gloo processes on {os.cpu_count()} cores")
     print(f"{'data':>4} {'depth':>5} {'row':>3} {'col':>3} {'step ms':>9} {'MB/rank/step':>13} {'params/rank':>12}")

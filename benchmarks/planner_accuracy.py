@@ -10,18 +10,14 @@ throughput is used and 4-byte values are counted.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import socket
 import sys
-import tempfile
 
 import numpy as np
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))
-from parallel_grids import parse_args, worker  # noqa: E402
+from parallel_grids import measure_grids, parse_args  # noqa: E402
 from tetra.model import ModelConfig  # noqa: E402
 from tetra.parallel.calibrate import calibrate  # noqa: E402
 from tetra.parallel.grid import GridShape  # noqa: E402
@@ -38,20 +34,12 @@ def main() -> None:
     measured_profile = calibrate(args.world, torch.device("cpu"))
     fp32_gemm = max(row["flops"] for row in measured_profile["gemm"] if row["dtype"] == "float32")
     machine = dataclasses.replace(MachineProfile(**measured_profile["profile"]), gemm_flops=fp32_gemm)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    with tempfile.TemporaryDirectory() as scratch:
-        out = os.path.join(scratch, "grids.json")
-        mp.spawn(worker, args=(args.world, port, args, out), nprocs=args.world, join=True)
-        with open(out) as handle:
-            rows = json.load(handle)
+    rows = measure_grids(args)
     config = ModelConfig(vocab_size=args.vocab, hidden_size=args.width, n_layers=args.layers, n_heads=args.heads,
                          intermediate_size=4 * args.width, max_position_embeddings=args.seq)
     for row in rows:
         row["predicted_ms"] = 1000 * predict(config, GridShape(**row["grid"]), args.batch, args.seq, machine,
                                              value_bytes=4).step_time
-    rows.sort(key=lambda r: r["step_ms"])
     print(f"machine: {machine.gemm_flops / 1e9:.0f} GFLOP/s fp32 GEMM, {machine.intra_node_bandwidth / 1e9:.2f} GB/s "
           f"all-reduce bus bandwidth ({args.world} gloo processes on {os.cpu_count()} cores)")
     print(f"{'data':>4} {'depth':>5} {'row':>3} {'col':>3} {'measured ms':>12} {'predicted ms':>13}")

@@ -104,6 +104,7 @@ def _check(model_name: str, shape: GridShape, zero1: bool = False) -> dict:
 
 
 def check_grids(rank: int, world: int, port: int, cases: list, out_path: str) -> None:
+    """Every case on this rank; rank 0 writes the results as JSON (read back by spawn_collect)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -7,27 +7,15 @@ shards), and ZeRO-1 (optimizer state sharded over data).
 
 from __future__ import annotations
 
-import json
-import socket
-
-import torch.multiprocessing as mp
-
 from parallel_worker import check_grids
+from tetra.parallel.launch import spawn_collect
 
 TOLERANCE = 1e-5
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _run(world: int, grids: list[dict], tmp_path, extra_cases: tuple = ()) -> list[dict]:
+def _run(world: int, grids: list[dict], extra_cases: tuple = ()) -> list[dict]:
     cases = [(model, grid) for grid in grids for model in ("llama", "gpt2")] + list(extra_cases)
-    out = tmp_path / "results.json"
-    mp.spawn(check_grids, args=(world, _free_port(), cases, str(out)), nprocs=world, join=True)
-    return json.loads(out.read_text())
+    return spawn_collect(check_grids, world, cases)
 
 
 def _assert_equal(results: list[dict]) -> None:
@@ -38,17 +26,17 @@ def _assert_equal(results: list[dict]) -> None:
             assert result[key] <= TOLERANCE, f"{label}: {key} = {result[key]:.2e}"
 
 
-def test_two_rank_grids(tmp_path):
+def test_two_rank_grids():
     grids = [dict(data=2), dict(depth=2), dict(row=2), dict(col=2)]
     extra = [("odd", dict(depth=2)), ("gpt2", dict(data=2), True), ("odd", dict(data=2), True)]
-    _assert_equal(_run(2, grids, tmp_path, extra_cases=extra))
+    _assert_equal(_run(2, grids, extra_cases=extra))
 
 
-def test_four_rank_grids(tmp_path):
+def test_four_rank_grids():
     grids = [dict(row=2, col=2), dict(depth=2, row=2), dict(data=2, col=2)]
-    _assert_equal(_run(4, grids, tmp_path))
+    _assert_equal(_run(4, grids))
 
 
-def test_eight_rank_grids(tmp_path):
+def test_eight_rank_grids():
     grids = [dict(data=2, depth=2, row=2), dict(row=2, col=2, depth=2)]
-    _assert_equal(_run(8, grids, tmp_path, extra_cases=[("llama", dict(data=2, depth=2, row=2), True)]))
+    _assert_equal(_run(8, grids, extra_cases=[("llama", dict(data=2, depth=2, row=2), True)]))

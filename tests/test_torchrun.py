@@ -4,7 +4,6 @@ into another grid, into one process, and into `tetra convert to-hf`."""
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,21 +13,16 @@ import pytest
 from test_train import run_config, run_values
 from tetra.cli import main
 from tetra.config import dump_toml
+from tetra.parallel.launch import free_port
 from tetra.train import trainer
 from tetra.train.metrics import read_metrics
 
 OVERRIDES = {"train": {"max_steps": 4, "warmup_steps": 1}, "run": {"checkpoint_every": 2}}
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _torchrun(config_path: Path, *arguments: str) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(_free_port()), "-m", "tetra", "train", str(config_path), "--no-progress", *arguments]
+               str(free_port()), "-m", "tetra", "train", str(config_path), "--no-progress", *arguments]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 

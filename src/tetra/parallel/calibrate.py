@@ -6,15 +6,14 @@ Entry point: calibrate(processes, device) -> dict (a machine profile plus the ra
 
 from __future__ import annotations
 
+import json
 import os
-import socket
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from tetra.parallel.launch import spawn_collect
 from tetra.train.metrics import measured_gemm_flops
 
 GEMM_SIZES = (512, 1024, 2048)
@@ -62,8 +61,6 @@ def _collective_worker(rank: int, world: int, port: int, backend: str, out: str)
             dist.barrier()
         size *= 2
     if rank == 0:
-        import json
-
         with open(out, "w") as handle:
             json.dump(rows, handle)
     dist.destroy_process_group()
@@ -71,16 +68,7 @@ def _collective_worker(rank: int, world: int, port: int, backend: str, out: str)
 
 def measure_collectives(processes: int, backend: str) -> list[dict]:
     """Bus bandwidth (bytes/s per rank, ring-normalized) of all-reduce and all-gather for groups of 2, 4, ..."""
-    import json
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    with tempfile.TemporaryDirectory() as scratch:
-        out = os.path.join(scratch, "collectives.json")
-        mp.spawn(_collective_worker, args=(processes, port, backend, out), nprocs=processes, join=True)
-        with open(out) as handle:
-            return json.load(handle)
+    return spawn_collect(_collective_worker, processes, backend)
 
 
 def calibrate(processes: int, device: torch.device, name: str = "local") -> dict:
