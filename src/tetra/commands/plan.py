@@ -54,11 +54,12 @@ def run(args: argparse.Namespace) -> int:
         print_json({"machine": machine.name, "devices": args.devices, "grids": [_row(p) for p in predictions]})
         return 0
     print(f"{len(predictions)} valid grids on {args.devices} x {machine.name}; best first (no overlap modelled)")
-    print(f"{'data':>4} {'depth':>5} {'row':>3} {'col':>3} {'step s':>8} {'compute':>8} {'col':>7} {'row':>7} "
-          f"{'depth':>7} {'data':>7} {'GB/dev':>7}  fits")
+    print("times in milliseconds per optimizer step; collectives by the group they run on")
+    print(f"{'data':>4} {'depth':>5} {'row':>3} {'col':>3} {'step':>10} {'compute':>10} {'col':>9} {'row':>9} "
+          f"{'depth':>9} {'data':>9} {'GB/dev':>7}  fits")
     for p in predictions[: args.top]:
-        s, c = p.shape, p.collectives
-        print(f"{s.data:>4} {s.depth:>5} {s.row:>3} {s.col:>3} {p.step_time:>8.3f} {p.compute:>8.3f} "
-              f"{c['col']:>7.3f} {c['row']:>7.3f} {c['depth']:>7.3f} {c['data']:>7.3f} "
-              f"{sum(p.memory.values()) / 1e9:>7.1f}  {'yes' if p.fits else 'no'}")
+        s, c = p.shape, {key: 1000 * value for key, value in p.collectives.items()}
+        print(f"{s.data:>4} {s.depth:>5} {s.row:>3} {s.col:>3} {1000 * p.step_time:>10.2f} {1000 * p.compute:>10.2f} "
+              f"{c['col']:>9.2f} {c['row']:>9.2f} {c['depth']:>9.2f} {c['data']:>9.2f} "
+              f"{sum(p.memory.values()) / 1e9:>7.2f}  {'yes' if p.fits else 'no'}")
     return 0
