@@ -12,6 +12,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from tetra.config import GoldfishConfig
 from tetra.model import ModelConfig, Transformer
 from tetra.parallel.collectives import all_reduce
 from tetra.parallel.grid import GridShape, ProcessGrid
@@ -24,6 +25,7 @@ from tetra.parallel.parallelize import (
 )
 from tetra.parallel.zero import ZeroOptimizer
 from tetra.train.losses import next_token_loss
+from tetra.train.replica import Replica
 
 MODELS = {
     "llama": dict(vocab_size=64, hidden_size=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=48,
@@ -58,9 +60,10 @@ def _reference_and_parallel(model_name: str, grid: ProcessGrid):
     return model, parallelize(copy.deepcopy(model), grid)
 
 
-def _check(model_name: str, shape: GridShape, zero1: bool = False) -> dict:
+def _check(model_name: str, shape: GridShape, zero1: bool = False, goldfish_k: int = 0) -> dict:
     """zero1: optimizer state sharded over data; gradients then live in slices, so the loss, the global norm and
-    the parameters after every step are what is compared."""
+    the parameters after every step are what is compared. goldfish_k: both sides train through Replica.accumulate
+    (the trainer's step) with the goldfish loss, two micro-batches per step."""
     grid = ProcessGrid.build(shape)
     reference, parallel = _reference_and_parallel(model_name, grid)
     vocab = MODELS[model_name]["vocab_size"]
@@ -75,17 +78,23 @@ def _check(model_name: str, shape: GridShape, zero1: bool = False) -> dict:
 
     par_optimizer = ZeroOptimizer([{"params": list(parallel.parameters())}], grid, adamw) if zero1 else \
         adamw(parallel.parameters())
-    result = {"model": model_name, "grid": shape.__dict__, "zero1": zero1, "grad_error": 0.0,
+    result = {"model": model_name, "grid": shape.__dict__, "zero1": zero1, "goldfish_k": goldfish_k, "grad_error": 0.0,
               "grad_names_match": True}
     for step in range(STEPS):
-        ref_loss, _ = next_token_loss(reference, tokens)
-        ref_loss.backward()
-        loss, loss_sum = parallel_next_token_loss(parallel, local, grid, labels)
-        loss.backward()
+        if goldfish_k:
+            goldfish = GoldfishConfig(k=goldfish_k, context=3)
+            ref_value = Replica(None).accumulate(reference, list(tokens.chunk(2)), goldfish).loss
+            global_loss = Replica(grid).accumulate(parallel, list(local.chunk(2)), goldfish).loss
+        else:
+            ref_loss, _ = next_token_loss(reference, tokens)
+            ref_loss.backward()
+            ref_value = ref_loss.item()
+            loss, loss_sum = parallel_next_token_loss(parallel, local, grid, labels)
+            loss.backward()
+            global_loss = float(all_reduce(loss_sum.clone(), grid.groups["batch"])) / labels
         sync_gradients(parallel, grid, include_data=not zero1)
-        global_loss = float(all_reduce(loss_sum.clone(), grid.groups["batch"])) / labels
         if step == 0:
-            result["loss_error"] = abs(global_loss - ref_loss.item()) / abs(ref_loss.item())
+            result["loss_error"] = abs(global_loss - ref_value) / abs(ref_value)
         if step == 0 and not zero1:
             ref_grads = {n: p.grad for n, p in reference.named_parameters()}
             par_grads = full_state_dict(parallel, grid, gradients=True)

@@ -2,7 +2,7 @@
 
 Each test spawns one set of processes and checks several grids with a Llama-style model (GQA, no bias) and a
 GPT-2-style one (biases in both layer layouts, LayerNorm, learned positions, tied head), odd sizes (padded depth
-shards), and ZeRO-1 (optimizer state sharded over data).
+shards), ZeRO-1 (optimizer state sharded over data), and the goldfish loss.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def _run(world: int, grids: list[dict], extra_cases: tuple = ()) -> list[dict]:
 
 def _assert_equal(results: list[dict]) -> None:
     for result in results:
-        label = f"{result['model']} {result['grid']}"
+        label = f"{result['model']} {result['grid']} zero1={result['zero1']} goldfish={result['goldfish_k']}"
         assert result["grad_names_match"], label
         for key in ("loss_error", "grad_error", "norm_error", "param_error"):
             assert result[key] <= TOLERANCE, f"{label}: {key} = {result[key]:.2e}"
@@ -34,7 +34,10 @@ def test_two_rank_grids():
 
 def test_four_rank_grids():
     grids = [dict(row=2, col=2), dict(depth=2, row=2), dict(data=2, col=2)]
-    _assert_equal(_run(4, grids))
+    # The goldfish loss through the trainer's step: vocabulary-parallel per-token losses, masks on every rank's own
+    # samples, normalization by the global kept-token count, two micro-batches.
+    goldfish = [("llama", dict(data=2, row=2), False, 4), ("gpt2", dict(depth=2, col=2), False, 3)]
+    _assert_equal(_run(4, grids, extra_cases=goldfish))
 
 
 def test_eight_rank_grids():

@@ -37,6 +37,30 @@ class DataConfig:
 
 
 @dataclass
+class GoldfishConfig:
+    """Which target tokens the goldfish loss leaves out (train.goldfish.*)."""
+
+    k: int = 0  # leave out 1 in k target tokens (0 = off: plain cross-entropy)
+    context: int = 13  # h: tokens (ending at the target) that decide whether it is left out
+    mode: str = "hash"  # hash (same text -> same mask anywhere) | static (every k-th position of a sequence)
+
+    @property
+    def enabled(self) -> bool:
+        return self.k > 0
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.k < 0 or self.k == 1:
+            found.append(f"train.goldfish.k must be 0 (off) or at least 2 (got {self.k}); k = 4 leaves out 1 token "
+                         "in 4")
+        if self.context < 1:
+            found.append(f"train.goldfish.context must be at least 1 (got {self.context})")
+        if self.mode not in ("hash", "static"):
+            found.append(f"train.goldfish.mode = {self.mode!r}; choose one of hash, static")
+        return found
+
+
+@dataclass
 class TrainConfig:
     """The optimization loop."""
 
@@ -57,6 +81,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute block activations in backward to save memory
     compile: bool = False  # torch.compile the model
     seed: int = 0  # initialization and dropout seed
+    goldfish: GoldfishConfig = field(default_factory=GoldfishConfig)  # memorization-safe loss (off by default)
 
 
 @dataclass
@@ -221,6 +246,7 @@ def validate_run_config(config: RunConfig, explicit_model: dict[str, Any]) -> li
         problems.append(f"train.warmup_steps must be in [0, train.max_steps] (got {train.warmup_steps})")
     _choice(problems, "train.schedule", train.schedule, ("cosine", "wsd", "linear", "constant"))
     _choice(problems, "train.precision", train.precision, ("auto", "fp32", "bf16"))
+    problems += train.goldfish.problems()
     if not data.path:
         problems.append("data.path is empty: set it to a folder made by `tetra data prepare`")
     if config.init.preset and config.init.checkpoint:

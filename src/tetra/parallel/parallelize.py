@@ -1,7 +1,8 @@
 """parallelize(model, grid): swap a Transformer's layers for tensor-parallel ones in place (the model file is not
 edited), then the helpers a training step needs: gradient sync, the global gradient norm, and full state dicts.
 
-Entry points: parallelize, sync_gradients, clip_global_grad_norm, full_state_dict, parallel_next_token_loss.
+Entry points: parallelize, sync_gradients, clip_global_grad_norm, full_state_dict, parallel_token_losses,
+parallel_next_token_loss.
 """
 
 from __future__ import annotations
@@ -95,11 +96,14 @@ def full_state_dict(model: nn.Module, grid: ProcessGrid, gradients: bool = False
     return state
 
 
+def parallel_token_losses(model: Transformer, tokens: torch.Tensor, grid: ProcessGrid) -> torch.Tensor:
+    """Per-token next-token losses [B, T] of a [B, T + 1] batch, from the vocabulary-parallel logits."""
+    return vocab_parallel_cross_entropy(model(tokens[:, :-1]), tokens[:, 1:], grid, IGNORE_INDEX)
+
+
 def parallel_next_token_loss(model: Transformer, tokens: torch.Tensor, grid: ProcessGrid,
                              global_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to backpropagate, this rank's loss sum). Dividing by the global label count makes the gradients,
     summed over the batch group, those of the mean loss over the whole global batch."""
-    inputs, labels = tokens[:, :-1], tokens[:, 1:]
-    per_token = vocab_parallel_cross_entropy(model(inputs), labels, grid, IGNORE_INDEX)
-    loss_sum = per_token.sum()
+    loss_sum = parallel_token_losses(model, tokens, grid).sum()
     return loss_sum / global_labels, loss_sum.detach()

@@ -1,9 +1,12 @@
-"""Language-model losses on hidden states: next-token cross-entropy, with labels that may be ignored.
+"""Language-model losses: next-token cross-entropy per token, and its split into the tokens the loss keeps and the
+tokens the goldfish mask leaves out.
 
-Entry point: next_token_loss(model, tokens) -> (mean loss over counted labels, number of counted labels).
+Entry points: per_token_loss(logits, labels), next_token_loss(model, tokens), split_loss(per_token, dropped).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -13,15 +16,30 @@ from tetra.model import Transformer
 IGNORE_INDEX = -100
 
 
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy in fp32 over labels that are not IGNORE_INDEX."""
-    return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+def per_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """fp32 cross-entropy per label position, 0 where the label is IGNORE_INDEX; shaped like labels."""
+    flat = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="none")
+    return flat.view(labels.shape)
 
 
 def next_token_loss(model: Transformer, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Mean next-token loss of a [B, T + 1] batch (inputs tokens[:, :-1], labels tokens[:, 1:])."""
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
-    logits = model(inputs)
     counted = int((labels != IGNORE_INDEX).sum())
-    return cross_entropy_sum(logits, labels) / max(counted, 1), counted
+    return per_token_loss(model(inputs), labels).sum() / max(counted, 1), counted
+
+
+@dataclass
+class LossSums:
+    """Summed per-token losses of one micro-batch: the kept part carries the gradient."""
+
+    kept: torch.Tensor  # sum over the tokens the loss counts (with autograd)
+    dropped: torch.Tensor  # sum over the tokens the goldfish mask leaves out (detached, for logging)
+
+
+def split_loss(per_token: torch.Tensor, dropped: torch.Tensor | None) -> LossSums:
+    """Split per-token losses by a drop mask (None = nothing dropped)."""
+    if dropped is None:
+        return LossSums(per_token.sum(), per_token.new_zeros(()))
+    return LossSums(per_token.masked_fill(dropped, 0.0).sum(), per_token.detach().masked_fill(~dropped, 0.0).sum())

@@ -1,19 +1,34 @@
-"""What differs between one process and one rank of a 4D grid in a training step: the loss, the gradient
-reduction and norm, and the reported mean loss.
+"""What differs between one process and one rank of a 4D grid in a training step: the per-token loss, sums over
+the ranks that hold other samples, the gradient reduction and the norm.
 
-Entry point: Replica(grid or None).
+Entry point: Replica(grid or None); Replica.accumulate runs the forward and backward passes of one optimizer step.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
+from tetra.config import GoldfishConfig
 from tetra.model import Transformer
 from tetra.parallel.collectives import all_reduce
 from tetra.parallel.grid import ProcessGrid
-from tetra.parallel.parallelize import clip_global_grad_norm, parallel_next_token_loss, sync_gradients
+from tetra.parallel.parallelize import clip_global_grad_norm, parallel_token_losses, sync_gradients
 from tetra.parallel.zero import ZeroOptimizer
-from tetra.train.losses import next_token_loss
+from tetra.train.goldfish import goldfish_drop_mask
+from tetra.train.losses import IGNORE_INDEX, per_token_loss, split_loss
+
+
+@dataclass
+class StepLoss:
+    """Loss of one optimizer step over the whole global batch."""
+
+    loss: float  # mean over the tokens the loss counts
+    dropped_loss: float | None  # mean over the tokens the goldfish mask left out (None when it is off)
+    dropped_fraction: float | None  # share of target tokens left out (None when goldfish is off)
 
 
 class Replica:
@@ -22,14 +37,40 @@ class Replica:
     def __init__(self, grid: ProcessGrid | None) -> None:
         self.grid = grid
 
-    def loss(self, model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(loss to backpropagate, this rank's summed loss, labels the backpropagated loss is normalized by)."""
+    def token_losses(self, model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """Per-token next-token losses [B, T] of this rank's [B, T + 1] batch (0 at ignored labels)."""
         if self.grid is None:
-            loss, counted = next_token_loss(model, tokens)
-            return loss, loss.detach() * counted, counted
-        global_labels = tokens[:, 1:].numel() * self.grid.size("batch")
-        backward_loss, loss_sum = parallel_next_token_loss(model, tokens, self.grid, global_labels)
-        return backward_loss, loss_sum, global_labels
+            return per_token_loss(model(tokens[:, :-1]), tokens[:, 1:])
+        return parallel_token_losses(model, tokens, self.grid)
+
+    def total(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum over every rank holding other samples (the batch group); a copy, the input is unchanged."""
+        values = values.clone()
+        return values if self.grid is None else all_reduce(values, self.grid.groups["batch"])
+
+    def accumulate(self, model: torch.nn.Module, batches: list[torch.Tensor], goldfish: GoldfishConfig,
+                   autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> StepLoss:
+        """Forward and backward over the micro-batches of one step. Every kept token of the global batch weighs the
+        same: each micro-batch's summed loss is divided by the global count of kept tokens, known up front because
+        the goldfish mask depends on the tokens alone."""
+        drops = [goldfish_drop_mask(tokens, goldfish) for tokens in batches]
+        counts = torch.zeros(2, dtype=torch.float64)  # kept, dropped
+        for tokens, drop in zip(batches, drops, strict=True):
+            labelled = tokens[:, 1:] != IGNORE_INDEX
+            dropped = 0 if drop is None else int((drop & labelled).sum())
+            counts += torch.tensor([int(labelled.sum()) - dropped, dropped], dtype=torch.float64)
+        kept_total, dropped_total = (float(value) for value in self.total(counts.to(batches[0].device)))
+        sums = torch.zeros(2, device=batches[0].device)
+        for tokens, drop in zip(batches, drops, strict=True):
+            with autocast():
+                losses = split_loss(self.token_losses(model, tokens), drop)
+            (losses.kept / max(kept_total, 1.0)).backward()
+            sums += torch.stack([losses.kept.detach(), losses.dropped])
+        kept_sum, dropped_sum = (float(value) for value in self.total(sums))
+        if not goldfish.enabled:
+            return StepLoss(kept_sum / max(kept_total, 1.0), None, None)
+        return StepLoss(kept_sum / max(kept_total, 1.0), dropped_sum / dropped_total if dropped_total else None,
+                        dropped_total / max(kept_total + dropped_total, 1.0))
 
     def finish_backward(self, model: Transformer, max_norm: float, optimizer: object) -> float:
         """Reduce gradients where copies exist, then clip the global norm (0 = measure only); returns the norm."""
@@ -41,12 +82,6 @@ class Replica:
             return optimizer.reduce_and_clip(max_norm)
         sync_gradients(model, self.grid)
         return clip_global_grad_norm(model, self.grid, max_norm)
-
-    def mean(self, loss_sum: torch.Tensor, labels: int) -> float:
-        """The mean loss over every rank's samples."""
-        if self.grid is not None:
-            loss_sum = all_reduce(loss_sum.clone(), self.grid.groups["batch"])
-        return loss_sum.item() / labels
 
     @property
     def batch_rank(self) -> int:

@@ -28,11 +28,12 @@ from tetra.parallel.parallelize import parallelize
 from tetra.parallel.zero import ZeroOptimizer
 from tetra.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tetra.train.distributed import any_rank, is_main_rank, launched_world_size, start_distributed
+from tetra.train.losses import IGNORE_INDEX
 from tetra.train.metrics import MetricsSink, flops_per_token, peak_flops, plot_losses, truncate_metrics
 from tetra.train.optim import build_optimizer, lr_at, set_lr
 from tetra.train.precision import choose_autocast_dtype
 from tetra.train.progress import ProgressReporter
-from tetra.train.replica import Replica
+from tetra.train.replica import Replica, StepLoss
 from tetra.train.setup import auto_grid, build_model_for_run, enable_activation_checkpointing, resolve_model_config
 from tetra.train.signals import StopRequest
 
@@ -72,41 +73,36 @@ class Loop:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def step(self, step: int) -> tuple[float, float]:
-        """One optimizer step; returns (mean loss, gradient norm before clipping)."""
+    def step(self, step: int) -> tuple[StepLoss, float]:
+        """One optimizer step; returns its loss and the gradient norm before clipping."""
         train = self.config.train
-        lr = lr_at(step, train)
-        set_lr(self.optimizer, lr)
-        total, labels = torch.zeros((), device=self.device), 0
-        for micro in range(train.grad_accum):
-            tokens = self.train_batches.batch(step * train.grad_accum + micro).to(self.device, non_blocking=True)
-            with self.autocast():
-                loss, loss_sum, counted = self.replica.loss(self.forward_model, tokens)
-            (loss / train.grad_accum).backward()
-            total += loss_sum
-            labels += counted
+        set_lr(self.optimizer, lr_at(step, train))
+        batches = [self.train_batches.batch(step * train.grad_accum + micro).to(self.device, non_blocking=True)
+                   for micro in range(train.grad_accum)]
+        loss = self.replica.accumulate(self.forward_model, batches, train.goldfish, self.autocast)
         grad_norm = self.replica.finish_backward(self.model, train.grad_clip, self.optimizer)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return self.replica.mean(total, labels), grad_norm
+        return loss, grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean validation loss over the configured number of batches (the same batches every time)."""
+        """Mean validation loss over the configured number of batches (the same batches every time), on every
+        token: the goldfish mask shapes training only."""
         if self.val_batches is None:
             return None
         self.model.eval()
-        total, labels = torch.zeros((), device=self.device), 0
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, labels
         per_position = self.val_batches.batch_size * self.replica.batch_ranks
         available = -(-self.val_batches.num_sequences // per_position)  # no sequence counted twice
         for position in range(min(self.config.eval.batches, available)):
             tokens = self.val_batches.batch(position).to(self.device)
             with self.autocast():
-                _, loss_sum, counted = self.replica.loss(self.forward_model, tokens)
-            total += loss_sum
-            labels += counted
+                losses = self.replica.token_losses(self.forward_model, tokens)
+            sums += torch.stack([losses.sum().double(), (tokens[:, 1:] != IGNORE_INDEX).sum().double()])
         self.model.train()
-        return self.replica.mean(total, labels)
+        loss_sum, labels = (float(value) for value in self.replica.total(sums))
+        return loss_sum / max(labels, 1.0)
 
 
 def _open_batches(config: RunConfig, data: PreparedData,
@@ -199,6 +195,32 @@ def _start_run_folder(loop: Loop, run_dir: Path, resume_from: Path | None, confi
     return Throughput(tokens, flops_per_token(loop.model.config, config.data.seq_len) * tokens, peak, devices)
 
 
+@dataclass
+class LossInterval:
+    """Losses summed since the last metrics line."""
+
+    steps: int = 0
+    loss: float = 0.0
+    dropped_steps: int = 0
+    dropped_loss: float = 0.0
+    dropped_fraction: float = 0.0
+
+    def add(self, step_loss: StepLoss) -> None:
+        self.steps, self.loss = self.steps + 1, self.loss + step_loss.loss
+        if step_loss.dropped_loss is not None:
+            self.dropped_steps += 1
+            self.dropped_loss += step_loss.dropped_loss
+            self.dropped_fraction += step_loss.dropped_fraction or 0.0
+
+    def means(self) -> dict[str, float]:
+        """loss, and with the goldfish loss on, the loss on the left-out tokens and their share."""
+        means = {"loss": self.loss / max(self.steps, 1)}
+        if self.dropped_steps:
+            means.update(goldfish_dropped_loss=self.dropped_loss / self.dropped_steps,
+                         goldfish_dropped_fraction=self.dropped_fraction / self.dropped_steps)
+        return means
+
+
 def _check_finite(loss: float, step: int, run_dir: Path) -> None:
     if not math.isfinite(loss):
         last = latest_checkpoint(run_dir)
@@ -237,20 +259,22 @@ def train(config: RunConfig, explicit_model: dict[str, Any], resume: str | None 
                                config.run.keep_checkpoints, grid)
 
     step, loss, saved, stopped_by = start_step, float("nan"), None, None
-    interval_start, interval_steps, interval_loss = time.perf_counter(), 0, 0.0
+    interval_start, interval = time.perf_counter(), LossInterval()
     with StopRequest() as stop, ProgressReporter(config.train.max_steps, start_step, show_progress and main) as bar:
         while step < config.train.max_steps:
-            loss, grad_norm = loop.step(step)
+            step_loss, grad_norm = loop.step(step)
+            loss = step_loss.loss
             _check_finite(loss, step, run_dir)
-            step, interval_steps, interval_loss = step + 1, interval_steps + 1, interval_loss + loss
+            step += 1
+            interval.add(step_loss)
             record: dict[str, Any] = {"step": step, "loss": loss, "lr": lr_at(step - 1, config.train),
                                       "grad_norm": grad_norm}
             if step % config.run.log_every == 0 or step == config.train.max_steps:
-                # The logged loss is the mean since the previous log line: one step alone is too noisy to read.
-                record.update(loss=interval_loss / interval_steps,
+                # The logged losses are means since the previous log line: one step alone is too noisy to read.
+                record.update(interval.means(),
                               epoch=loop.train_batches.epoch_of(step * config.train.grad_accum),
-                              **throughput.record(interval_steps, time.perf_counter() - interval_start))
-                interval_start, interval_steps, interval_loss = time.perf_counter(), 0, 0.0
+                              **throughput.record(interval.steps, time.perf_counter() - interval_start))
+                interval_start, interval = time.perf_counter(), LossInterval()
             if (config.eval.every and step % config.eval.every == 0) or step == config.train.max_steps:
                 val_loss = loop.evaluate()
                 if val_loss is not None:
