@@ -1,0 +1,4 @@
+"""Evaluation: what a trained model reproduces or predicts (memorization, ...).
+
+Entry point: tetra.eval.memorization.measure_memorization.
+"""
