@@ -58,3 +58,23 @@ def test_two_processes_match_one_and_checkpoints_move_between_grids(prepared_dat
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf").config.hidden_size == 32
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_torch_strategies_match_one_process_and_resume_anywhere(prepared_data, tmp_path, strategy):
+    """DDP and FSDP2 baselines (parallel.strategy) train like one process, with accumulation; their checkpoints
+    are in the single-process format and resume in one process."""
+    whole_batch = {**OVERRIDES, "train": {**OVERRIDES["train"], "batch_size": 8}}  # = 2 ranks x 4 sequences
+    single = trainer.train(*run_config(prepared_data, tmp_path / "single", **whole_batch), show_progress=False)
+    (tmp_path / "run.toml").write_text(dump_toml(run_values(prepared_data, tmp_path / strategy, **OVERRIDES)))
+    _torchrun(tmp_path / "run.toml", f"parallel.strategy={strategy}")
+    expected, actual = _losses(single.run_dir), _losses(tmp_path / strategy)
+    for step, loss in expected.items():
+        assert actual[step] == pytest.approx(loss, rel=1e-5), step
+    assert (tmp_path / strategy / "checkpoints" / "step-0000002" / "model.safetensors").is_file()
+    shutil.copytree(tmp_path / strategy / "checkpoints" / "step-0000002",
+                    tmp_path / "one" / "checkpoints" / "step-0000002")
+    trainer.train(*run_config(prepared_data, tmp_path / "one", **whole_batch), resume="auto", show_progress=False)
+    resumed = _losses(tmp_path / "one")
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(actual[step], rel=1e-5), step

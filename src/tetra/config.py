@@ -100,6 +100,8 @@ class ParallelConfig:
     depth: int = 0  # ranks that shard each weight block (like FSDP inside the tensor-parallel block); other samples
     row: int = 0  # splits attention heads, the MLP width and the vocabulary
     col: int = 0  # splits the hidden size (innermost: the fastest links)
+    strategy: str = "4d"  # 4d (this grid) | ddp | fsdp2: torch's DistributedDataParallel / fully_shard, as baselines
+    overlap: bool = True  # run collectives in the background of computation (off: blocking, bit-identical results)
     zero1: bool = False  # also shard optimizer state over data (ZeRO-1): less memory, one more all-gather per step
     auto: bool = False  # let the performance model pick the grid (needs parallel.machine); overrides data/depth/row/col
     machine: str = ""  # machine profile for auto: a shipped name (perlmutter, ...) or a file from `tetra calibrate`
@@ -235,6 +237,13 @@ def validate_run_config(config: RunConfig, explicit_model: dict[str, Any]) -> li
             problems.append(f"{name} must be at least 1 (got {value})")
     problems += [f"parallel.{name} must be >= 0 (got {value})" for name, value in vars(config.parallel).items()
                  if isinstance(value, int) and not isinstance(value, bool) and value < 0]
+    _choice(problems, "parallel.strategy", config.parallel.strategy, ("4d", "ddp", "fsdp2"))
+    if config.parallel.strategy != "4d":
+        tensor_sizes = [f"parallel.{name} = {getattr(config.parallel, name)}" for name in ("depth", "row", "col")
+                        if getattr(config.parallel, name) > 1]
+        if tensor_sizes or config.parallel.zero1 or config.parallel.auto:
+            problems.append(f"parallel.strategy = {config.parallel.strategy!r} splits only the batch; drop "
+                            f"{', '.join(tensor_sizes) or 'parallel.zero1 / parallel.auto'} or use strategy 4d")
     if config.parallel.auto and not config.parallel.machine:
         problems.append("parallel.auto needs parallel.machine: a shipped profile (perlmutter, frontier, alps, "
                         "dgx-h100) or a file written by `tetra calibrate`")

@@ -143,7 +143,7 @@ def _copy_tokenizer_files(source: Path | None, staging: Path) -> None:
             shutil.copy2(source / name, staging / name)
 
 
-def _state_for_saving(model: Transformer) -> dict[str, torch.Tensor]:
+def model_tensors_for_saving(model: Transformer) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     if model.config.tie_embeddings:
         state.pop("head.weight")
@@ -165,7 +165,7 @@ def write_model_files(model: Transformer, folder: Path, tokenizer_from: str | Pa
         config.dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
     write_json(folder / TETRA_CONFIG, config.to_dict())
     if weights:
-        write_tensors(_state_for_saving(model) if state is None else state, folder)
+        write_tensors(model_tensors_for_saving(model) if state is None else state, folder)
     _copy_tokenizer_files(Path(tokenizer_from) if tokenizer_from else None, folder)
 
 
@@ -182,7 +182,7 @@ def save_hf_model(model: Transformer, out: str | Path, tokenizer_from: str | Pat
     """Write a folder that transformers.AutoModelForCausalLM.from_pretrained loads (config.json + safetensors)."""
     config = _saved_config(model)
     hf_config = to_hf_config(config)
-    tensors = tetra_to_hf_state(config.family, _state_for_saving(model), config.tie_embeddings)
+    tensors = tetra_to_hf_state(config.family, model_tensors_for_saving(model), config.tie_embeddings)
     with atomic_directory(out, overwrite) as staging:
         write_json(staging / HF_CONFIG, hf_config)
         write_tensors(tensors, staging, max_shard_bytes=max_shard_bytes)

@@ -1,6 +1,7 @@
 """Collectives as autograd functions, one per communication pattern, plus depth gather/scatter of weight shards.
 
-Entry points: reduce_forward (g), reduce_backward (f), reduce_both_ways, all_gather_flat, reduce_scatter_flat.
+Entry points: reduce_forward (g), reduce_backward (f), reduce_both_ways, all_gather_flat, reduce_scatter_flat, and
+start_all_reduce / start_all_gather_flat / start_reduce_scatter_flat, which return a Pending to wait on.
 """
 
 from __future__ import annotations
@@ -24,26 +25,12 @@ def all_reduce(tensor: torch.Tensor, group: Group, op: dist.ReduceOp = dist.Redu
 
 def all_gather_flat(shard: torch.Tensor, group: Group) -> torch.Tensor:
     """Concatenate every rank's equal-sized 1-D shard, in group-rank order."""
-    size = _size(group)
-    if size == 1:
-        return shard
-    pieces = [torch.empty_like(shard) for _ in range(size)]
-    dist.all_gather(pieces, shard.contiguous(), group=group)
-    return torch.cat(pieces)
+    return start_all_gather_flat(shard, group, blocking=True).wait()
 
 
 def reduce_scatter_flat(flat: torch.Tensor, group: Group) -> torch.Tensor:
     """Sum a 1-D tensor over the group and keep this rank's equal slice (gloo has no reduce-scatter: all-reduce)."""
-    size = _size(group)
-    if size == 1:
-        return flat
-    if dist.get_backend(group) == "nccl":
-        out = torch.empty(flat.numel() // size, dtype=flat.dtype, device=flat.device)
-        dist.reduce_scatter_tensor(out, flat.contiguous(), group=group)
-        return out
-    summed = flat.clone()
-    dist.all_reduce(summed, group=group)
-    return summed.chunk(size)[dist.get_rank(group)].clone()
+    return start_reduce_scatter_flat(flat, group, blocking=True).wait()
 
 
 class _ReduceForward(torch.autograd.Function):
@@ -94,3 +81,63 @@ def reduce_backward(tensor: torch.Tensor, group: Group) -> torch.Tensor:
 
 def reduce_both_ways(tensor: torch.Tensor, group: Group) -> torch.Tensor:
     return tensor if _size(group) == 1 else _ReduceBothWays.apply(tensor, group)
+
+
+class Pending:
+    """A collective that may still be running: wait() blocks until it is done and returns its result.
+
+    Started with blocking=True it has already finished; that is the same arithmetic, without overlap."""
+
+    def __init__(self, work: dist.Work | None, finish) -> None:
+        self._work, self._finish, self._result = work, finish, None
+
+    def done(self) -> bool:
+        return self._work is None or self._work.is_completed()
+
+    def wait(self) -> torch.Tensor:
+        if self._result is None:
+            if self._work is not None:
+                self._work.wait()
+            self._result = self._finish()
+        return self._result
+
+
+def _start(blocking: bool, run, finish) -> Pending:
+    work = run(not blocking)
+    pending = Pending(work, finish)
+    if blocking:
+        pending.wait()
+    return pending
+
+
+def start_all_reduce(tensor: torch.Tensor, group: Group, blocking: bool = False) -> Pending:
+    """Sum `tensor` in place over the group."""
+    if _size(group) == 1:
+        return Pending(None, lambda: tensor)
+    return _start(blocking, lambda async_op: dist.all_reduce(tensor, group=group, async_op=async_op), lambda: tensor)
+
+
+def start_all_gather_flat(shard: torch.Tensor, group: Group, blocking: bool = False) -> Pending:
+    """all_gather_flat, possibly still running."""
+    if _size(group) == 1:
+        return Pending(None, lambda: shard)
+    pieces = [torch.empty_like(shard) for _ in range(_size(group))]
+    source = shard.detach().contiguous()
+    return _start(blocking, lambda async_op: dist.all_gather(pieces, source, group=group, async_op=async_op),
+                  lambda: torch.cat(pieces))
+
+
+def start_reduce_scatter_flat(flat: torch.Tensor, group: Group, blocking: bool = False) -> Pending:
+    """reduce_scatter_flat, possibly still running (gloo: an all-reduce, then this rank's slice)."""
+    size = _size(group)
+    if size == 1:
+        return Pending(None, lambda: flat)
+    if dist.get_backend(group) == "nccl":
+        out = torch.empty(flat.numel() // size, dtype=flat.dtype, device=flat.device)
+        source = flat.contiguous()
+        return _start(blocking, lambda async_op: dist.reduce_scatter_tensor(out, source, group=group,
+                                                                             async_op=async_op), lambda: out)
+    summed = flat.clone()
+    rank = dist.get_rank(group)
+    return _start(blocking, lambda async_op: dist.all_reduce(summed, group=group, async_op=async_op),
+                  lambda: summed.chunk(size)[rank].clone())

@@ -1,8 +1,8 @@
 """parallelize(model, grid): swap a Transformer's layers for tensor-parallel ones in place (the model file is not
 edited), then the helpers a training step needs: gradient sync, the global gradient norm, and full state dicts.
 
-Entry points: parallelize, sync_gradients, clip_global_grad_norm, full_state_dict, parallel_token_losses,
-parallel_next_token_loss.
+Entry points: parallelize, gradient_group, sync_gradients, clip_global_grad_norm, full_state_dict,
+parallel_token_losses, parallel_next_token_loss.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from tetra.model import Transformer
 from tetra.parallel.collectives import all_reduce
 from tetra.parallel.grid import ProcessGrid, check_grid
 from tetra.parallel.layout import unshard
+from tetra.parallel.overlap import CommSchedule
 from tetra.parallel.tensor_parallel import (
     ColumnSplitEmbedding,
     ParallelNorm,
@@ -27,11 +28,17 @@ from tetra.parallel.tensor_parallel import (
 from tetra.train.losses import IGNORE_INDEX
 
 
-def parallelize(model: Transformer, grid: ProcessGrid) -> Transformer:
+def parallelize(model: Transformer, grid: ProcessGrid, overlap: bool = True) -> Transformer:
     """Replace every layer by its grid-split version. Attention heads and the MLP width are split over rows, the
     hidden state over columns; q/k/v, gate/up and the head are 'normal' layers, o and down 'transposed' ones, so
-    no activation is ever re-laid out between them."""
+    no activation is ever re-laid out between them. The model's collectives share one CommSchedule
+    (model.comm_schedule); overlap=False makes every collective blocking, with bit-identical results."""
     check_grid(grid.shape, model.config)
+    schedule = CommSchedule(overlap)
+
+    def linear(layer: nn.Linear, transposed: bool) -> TensorParallelLinear:
+        return TensorParallelLinear(layer, grid, transposed, schedule)
+
     width = model.config.hidden_size
     tied = model.config.tie_embeddings
     model.embed = VocabParallelEmbedding(model.embed, grid)
@@ -41,31 +48,39 @@ def parallelize(model: Transformer, grid: ProcessGrid) -> Transformer:
         block.attn_norm = ParallelNorm(block.attn_norm, grid, width)
         block.mlp_norm = ParallelNorm(block.mlp_norm, grid, width)
         for name in ("q", "k", "v"):
-            setattr(block.attn, name, TensorParallelLinear(getattr(block.attn, name), grid, transposed=False))
-        block.attn.o = TensorParallelLinear(block.attn.o, grid, transposed=True)
+            setattr(block.attn, name, linear(getattr(block.attn, name), transposed=False))
+        block.attn.o = linear(block.attn.o, transposed=True)
         for name in ("gate", "up"):
             if getattr(block.mlp, name) is not None:
-                setattr(block.mlp, name, TensorParallelLinear(getattr(block.mlp, name), grid, transposed=False))
-        block.mlp.down = TensorParallelLinear(block.mlp.down, grid, transposed=True)
+                setattr(block.mlp, name, linear(getattr(block.mlp, name), transposed=False))
+        block.mlp.down = linear(block.mlp.down, transposed=True)
     model.norm = ParallelNorm(model.norm, grid, width)
-    model.head = TiedHead(model.embed, grid) if tied else TensorParallelLinear(model.head, grid, transposed=False)
+    model.head = TiedHead(model.embed, grid) if tied else linear(model.head, transposed=False)
+    if grid.size("depth") > 1:  # forward order, for prefetching each next layer's weights
+        schedule.order = [module for module in model.modules() if isinstance(module, TensorParallelLinear)]
+    model.comm_schedule = schedule
     return model
 
 
-def sync_gradients(model: nn.Module, grid: ProcessGrid, include_data: bool = True) -> None:
-    """Sum gradients over the ranks that saw other samples: depth-sharded weights were already summed over depth by
-    their reduce-scatter, so only over data; everything else (replicated over depth) over data x depth.
+def gradient_group(parameter: nn.Parameter, grid: ProcessGrid, include_data: bool = True):
+    """The ranks whose copies of this gradient must be summed: depth-sharded weights were already summed over depth
+    by their reduce-scatter, so only over data; everything else (replicated over depth) over data x depth.
     include_data=False leaves the data sum to a ZeRO-1 optimizer's reduce-scatter."""
+    layout = getattr(parameter, "tetra_layout", None)
+    depth_sharded = layout is not None and layout.depth
+    if include_data:
+        return grid.groups["data"] if depth_sharded else grid.groups["batch"]
+    return None if depth_sharded else grid.groups["depth"]
+
+
+def sync_gradients(model: nn.Module, grid: ProcessGrid, include_data: bool = True) -> None:
+    """Wait for the model's pending collectives, then sum every gradient its bucketed backward did not already sum
+    over its gradient_group."""
+    schedule = getattr(model, "comm_schedule", None)
+    reduced = schedule.finish() if schedule is not None else set()
     for parameter in model.parameters():
-        if parameter.grad is None:
-            continue
-        layout = getattr(parameter, "tetra_layout", None)
-        depth_sharded = layout is not None and layout.depth
-        if include_data:
-            group = grid.groups["data"] if depth_sharded else grid.groups["batch"]
-        else:
-            group = None if depth_sharded else grid.groups["depth"]
-        all_reduce(parameter.grad, group)
+        if parameter.grad is not None and id(parameter) not in reduced:
+            all_reduce(parameter.grad, gradient_group(parameter, grid, include_data))
 
 
 def clip_global_grad_norm(model: nn.Module, grid: ProcessGrid, max_norm: float) -> float:

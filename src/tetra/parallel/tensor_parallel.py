@@ -12,15 +12,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from tetra.parallel.collectives import (
-    all_gather_flat,
     all_reduce,
     reduce_backward,
     reduce_both_ways,
     reduce_forward,
-    reduce_scatter_flat,
+    start_all_reduce,
+    start_reduce_scatter_flat,
 )
 from tetra.parallel.grid import ProcessGrid
 from tetra.parallel.layout import Layout, shard
+from tetra.parallel.overlap import CommSchedule
 
 
 def sharded_parameter(full: torch.Tensor, layout: Layout, grid: ProcessGrid) -> nn.Parameter:
@@ -30,17 +31,42 @@ def sharded_parameter(full: torch.Tensor, layout: Layout, grid: ProcessGrid) -> 
     return parameter
 
 
-class _DepthGather(torch.autograd.Function):
-    """All-gather a weight shard over depth in forward; reduce-scatter its gradient in backward (ZeRO-3 in TP)."""
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear would compute in here: autocast's when it is on, else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return torch.promote_types(x.dtype, weight.dtype)
+
+
+class _OverlappedLinear(torch.autograd.Function):
+    """y = x W^T whose backward overlaps communication with computation: the input gradient's all-reduce over the
+    out-feature group runs while the weight gradient's GEMM computes; a depth-sharded weight's gradient is then
+    reduce-scattered in the background and added to the shard's .grad by the layer's CommSchedule."""
 
     @staticmethod
-    def forward(ctx, shard_: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        return all_gather_flat(shard_, group)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, shard: torch.Tensor, layer: TensorParallelLinear):
+        dtype = _compute_dtype(x, weight)
+        x_c, weight_c = x.to(dtype), weight.to(dtype)
+        ctx.save_for_backward(x_c, weight_c)
+        ctx.layer, ctx.input_dtype, ctx.weight_dtype = layer, x.dtype, weight.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x_c, weight_c)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return reduce_scatter_flat(grad.contiguous(), ctx.group), None
+    def backward(ctx, grad_y: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        layer: TensorParallelLinear = ctx.layer
+        schedule = layer.schedule
+        schedule.poll()
+        grad_y = grad_y.to(weight.dtype)
+        grad_x = grad_y.matmul(weight)  # partial: this rank's share of the out-features
+        summing = start_all_reduce(grad_x, layer.out_group, schedule.blocking)
+        grad_weight = grad_y.flatten(0, -2).t().matmul(x.flatten(0, -2)).to(ctx.weight_dtype)
+        grad_x = summing.wait().to(ctx.input_dtype)
+        if layer.depth_group is None:
+            return grad_x, grad_weight, None, None
+        layer.reduce_scatter_weight_grad(grad_weight)
+        return grad_x, None, None, None
 
 
 class TensorParallelLinear(nn.Module):
@@ -50,9 +76,12 @@ class TensorParallelLinear(nn.Module):
     Input: the in-feature chunk of this rank. Output: the out-feature chunk, identical across the in-feature group.
     """
 
-    def __init__(self, linear: nn.Linear, grid: ProcessGrid, transposed: bool) -> None:
+    def __init__(self, linear: nn.Linear, grid: ProcessGrid, transposed: bool,
+                 schedule: CommSchedule | None = None) -> None:
         super().__init__()
         self.grid = grid
+        self.schedule = schedule or CommSchedule()
+        self.depth_group = grid.groups["depth"]
         self.in_group = grid.groups["row" if transposed else "col"]
         self.out_group = grid.groups["col" if transposed else "row"]
         # W is [out, in]: normally out over rows and in over columns; transposed layers swap the two roles.
@@ -60,6 +89,8 @@ class TensorParallelLinear(nn.Module):
                                col_dim=0 if transposed else 1, depth=True)
         self.block_shape = weight_layout.block_shape(grid)
         self.weight = sharded_parameter(linear.weight.data, weight_layout, grid)
+        if self.depth_group is not None:
+            self.schedule.gradient_arrives_deferred(self.weight)
         self.bias = None
         if linear.bias is not None:
             bias_layout = Layout(tuple(linear.bias.shape), col_dim=0) if transposed else \
@@ -67,13 +98,28 @@ class TensorParallelLinear(nn.Module):
             self.bias = sharded_parameter(linear.bias.data, bias_layout, grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = reduce_backward(x, self.out_group)  # each out-feature group member sends back part of dX
         numel = self.block_shape[0] * self.block_shape[1]
-        flat = self.weight if self.grid.size("depth") == 1 else _DepthGather.apply(self.weight,
-                                                                                  self.grid.groups["depth"])
-        weight = flat[:numel].view(self.block_shape)
-        y = reduce_forward(F.linear(x, weight), self.in_group)
+        if self.depth_group is None:
+            weight = self.weight.view(self.block_shape)
+        else:
+            weight = self.schedule.gathered_weight(self, self.weight, self.depth_group)[:numel].view(self.block_shape)
+        y = reduce_forward(_OverlappedLinear.apply(x, weight, self.weight, self), self.in_group)
         return y if self.bias is None else y + self.bias
+
+    def reduce_scatter_weight_grad(self, grad_weight: torch.Tensor) -> None:
+        """Sum the block's gradient over depth, keep this rank's shard (zero padding as in the forward gather),
+        and add it to the shard's gradient once the collective is done."""
+        padded = grad_weight.new_zeros(self.weight.numel() * self.grid.size("depth"))
+        padded[:grad_weight.numel()] = grad_weight.reshape(-1)
+
+        def add_to_grad(shard_grad: torch.Tensor) -> None:
+            if self.weight.grad is None:
+                self.weight.grad = shard_grad
+            else:
+                self.weight.grad += shard_grad
+            self.schedule.gradient_final(self.weight)
+
+        self.schedule.defer(start_reduce_scatter_flat(padded, self.depth_group, self.schedule.blocking), add_to_grad)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -18,7 +18,13 @@ import torch
 from tetra.errors import CheckpointError
 from tetra.files import atomic_directory, read_json, write_json
 from tetra.model import Transformer
-from tetra.model.io import check_tensors, load_weights_into, read_model_tensors, write_model_files
+from tetra.model.io import (
+    check_tensors,
+    load_weights_into,
+    model_tensors_for_saving,
+    read_model_tensors,
+    write_model_files,
+)
 from tetra.model.safetensors_io import read_tensors, write_tensors
 from tetra.model.sharded_io import has_shards, read_sharded_tensors, sharded_metadata
 from tetra.parallel.grid import ProcessGrid
@@ -26,6 +32,7 @@ from tetra.parallel.layout import shard
 from tetra.parallel.zero import set_optimizer_state
 from tetra.train.distributed import is_main_rank
 from tetra.train.sharded_checkpoint import load_shards, save_shards
+from tetra.train.torch_strategies import full_tensor, is_dtensor, piece_of
 
 STEP_FOLDER = re.compile(r"^step-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -37,6 +44,9 @@ def checkpoint_folder(run_dir: Path, step: int) -> Path:
 
 def _piece(full: torch.Tensor, parameter: torch.Tensor, grid: ProcessGrid | None) -> torch.Tensor:
     """This rank's piece of a full tensor saved for `parameter`."""
+    dtensor_piece = piece_of(full, parameter)  # FSDP2
+    if dtensor_piece is not None:
+        return dtensor_piece
     layout = getattr(parameter, "tetra_layout", None)
     if grid is None or layout is None or full.dim() == 0:
         return full
@@ -78,6 +88,25 @@ def save_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer: tor
             shutil.rmtree(old, ignore_errors=True)
     if grid is not None:
         torch.distributed.barrier()
+    return folder
+
+
+def save_replicated_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
+                               state: dict[str, Any], config_toml: str, tokenizer_from: Path | None,
+                               keep: int) -> Path:
+    """DDP or FSDP2: every rank assembles the full tensors (a collective for FSDP2's DTensors) and rank 0 writes
+    them in the single-process format, which any grid or strategy can resume from."""
+    weights = {name: full_tensor(value.detach()) for name, value in model_tensors_for_saving(model).items()}
+    optimizer_tensors = {key: full_tensor(value) for key, value in _optimizer_tensors(model, optimizer).items()}
+    folder = checkpoint_folder(run_dir, step)
+    if is_main_rank():
+        with atomic_directory(folder, overwrite=True) as staging:
+            write_model_files(model, staging, tokenizer_from, state=weights)
+            write_tensors(optimizer_tensors, staging, stem="optimizer")
+            _write_loop_files(staging, step, state, config_toml)
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    torch.distributed.barrier()
     return folder
 
 
@@ -137,7 +166,7 @@ def _check_sharded_shapes(folder: Path, model: Transformer) -> None:
 
 def _load_weights(model: Transformer, folder: Path, grid: ProcessGrid | None) -> None:
     """Full weights (safetensors or shards) into a single model, or cut into this rank's pieces."""
-    if grid is None:
+    if grid is None and not any(is_dtensor(parameter) for parameter in model.parameters()):  # FSDP2: pieces
         load_weights_into(model, folder)
         return
     tensors = read_model_tensors(folder)

@@ -16,10 +16,11 @@ from tetra.config import GoldfishConfig
 from tetra.model import Transformer
 from tetra.parallel.collectives import all_reduce
 from tetra.parallel.grid import ProcessGrid
-from tetra.parallel.parallelize import clip_global_grad_norm, parallel_token_losses, sync_gradients
+from tetra.parallel.parallelize import clip_global_grad_norm, gradient_group, parallel_token_losses, sync_gradients
 from tetra.parallel.zero import ZeroOptimizer
 from tetra.train.goldfish import goldfish_drop_mask
 from tetra.train.losses import IGNORE_INDEX, per_token_loss, split_loss
+from tetra.train.torch_strategies import full_tensor, gradient_sync
 
 
 @dataclass
@@ -34,12 +35,29 @@ class StepLoss:
 class Replica:
     """One process (grid None) or this rank's share of a grid."""
 
-    def __init__(self, grid: ProcessGrid | None) -> None:
-        self.grid = grid
+    def __init__(self, grid: ProcessGrid | None, zero1: bool = False, strategy: str = "4d") -> None:
+        self.grid, self.zero1, self.strategy = grid, zero1, strategy
+        self._buckets_built = False
+
+    @property
+    def splits_model(self) -> bool:
+        """Whether the model itself is split over a 4D grid (else it runs whole, or under DDP / FSDP2)."""
+        return self.grid is not None and self.strategy == "4d"
+
+    def _arm_gradient_buckets(self, model: torch.nn.Module) -> None:
+        """Let the model's data-parallel gradient sums start during the coming (last) backward of the step."""
+        schedule = getattr(model, "comm_schedule", None)
+        if not self.splits_model or schedule is None:
+            return
+        if not self._buckets_built:
+            grid, include_data = self.grid, not self.zero1
+            schedule.build_buckets(model, lambda parameter: gradient_group(parameter, grid, include_data))
+            self._buckets_built = True
+        schedule.arm()
 
     def token_losses(self, model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         """Per-token next-token losses [B, T] of this rank's [B, T + 1] batch (0 at ignored labels)."""
-        if self.grid is None:
+        if not self.splits_model:
             return per_token_loss(model(tokens[:, :-1]), tokens[:, 1:])
         return parallel_token_losses(model, tokens, self.grid)
 
@@ -61,11 +79,20 @@ class Replica:
             counts += torch.tensor([int(labelled.sum()) - dropped, dropped], dtype=torch.float64)
         kept_total, dropped_total = (float(value) for value in self.total(counts.to(batches[0].device)))
         sums = torch.zeros(2, device=batches[0].device)
-        for tokens, drop in zip(batches, drops, strict=True):
-            with autocast():
-                losses = split_loss(self.token_losses(model, tokens), drop)
-            (losses.kept / max(kept_total, 1.0)).backward()
+        # DDP and FSDP2 average gradients over the ranks; the 4D grid and one process sum them.
+        scale = 1.0 if self.strategy == "4d" or self.grid is None else float(self.grid.size("batch"))
+        for index, (tokens, drop) in enumerate(zip(batches, drops, strict=True)):
+            last = index == len(batches) - 1
+            with gradient_sync(model, self.strategy, enabled=last):
+                with autocast():
+                    losses = split_loss(self.token_losses(model, tokens), drop)
+                if last:
+                    self._arm_gradient_buckets(model)
+                (losses.kept * (scale / max(kept_total, 1.0))).backward()
             sums += torch.stack([losses.kept.detach(), losses.dropped])
+        schedule = getattr(model, "comm_schedule", None)
+        if schedule is not None:
+            schedule.flush()  # every gradient bucket started before the loss sum below uses the same groups
         kept_sum, dropped_sum = (float(value) for value in self.total(sums))
         if not goldfish.enabled:
             return StepLoss(kept_sum / max(kept_total, 1.0), None, None)
@@ -74,9 +101,9 @@ class Replica:
 
     def finish_backward(self, model: Transformer, max_norm: float, optimizer: object) -> float:
         """Reduce gradients where copies exist, then clip the global norm (0 = measure only); returns the norm."""
-        if self.grid is None:
+        if not self.splits_model:
             limit = max_norm if max_norm > 0 else float("inf")
-            return float(torch.nn.utils.clip_grad_norm_(model.parameters(), limit))
+            return float(full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), limit)))
         if isinstance(optimizer, ZeroOptimizer):
             sync_gradients(model, self.grid, include_data=False)
             return optimizer.reduce_and_clip(max_norm)

@@ -26,7 +26,7 @@ from tetra.model import Transformer
 from tetra.model.io import read_model_config
 from tetra.parallel.parallelize import parallelize
 from tetra.parallel.zero import ZeroOptimizer
-from tetra.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tetra.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_replicated_checkpoint
 from tetra.train.distributed import any_rank, is_main_rank, launched_world_size, start_distributed
 from tetra.train.losses import IGNORE_INDEX
 from tetra.train.metrics import MetricsSink, flops_per_token, peak_flops, plot_losses, truncate_metrics
@@ -36,6 +36,7 @@ from tetra.train.progress import ProgressReporter
 from tetra.train.replica import Replica, StepLoss
 from tetra.train.setup import auto_grid, build_model_for_run, enable_activation_checkpointing, resolve_model_config
 from tetra.train.signals import StopRequest
+from tetra.train.torch_strategies import wrap_model
 
 
 class NonFiniteLossError(TetraError):
@@ -148,15 +149,17 @@ def build_loop(config: RunConfig, explicit_model: dict[str, Any]) -> tuple[Loop,
     if config.parallel.auto:
         config = _with_auto_grid(config, explicit_model, data)
     grid, device = start_distributed(config)
-    replica = Replica(grid)
+    strategy = config.parallel.strategy if grid is not None else "4d"
+    replica = Replica(grid, zero1=config.parallel.zero1, strategy=strategy)
     train_batches, val_batches = _open_batches(config, data, replica)
     model, tokenizer_folder = build_model_for_run(config, explicit_model, data, device)
-    if grid is not None:
-        parallelize(model, grid)
+    if replica.splits_model:
+        parallelize(model, grid, overlap=config.parallel.overlap)
     if config.train.activation_checkpointing:
         enable_activation_checkpointing(model)
-    forward_model = torch.compile(model) if config.train.compile else model
-    optimizer = build_optimizer(model, config.train, grid, config.parallel.zero1)
+    forward_model = wrap_model(model, strategy, device)  # DDP wraps; FSDP2 shards the model in place
+    forward_model = torch.compile(forward_model) if config.train.compile else forward_model
+    optimizer = build_optimizer(model, config.train, grid if replica.splits_model else None, config.parallel.zero1)
     autocast_dtype, precision_reason = choose_autocast_dtype(config.train.precision, device)
     loop = Loop(config, model, forward_model, optimizer, train_batches, val_batches, autocast_dtype, precision_reason,
                 device, replica)
@@ -242,7 +245,8 @@ def train(config: RunConfig, explicit_model: dict[str, Any], resume: str | None 
     grid = loop.replica.grid
     start_step = 0
     if resume_from is not None:
-        start_step = load_checkpoint(resume_from, loop.model, loop.optimizer, grid)["step"]
+        model_grid = grid if loop.replica.splits_model else None  # DDP / FSDP2 load full tensors
+        start_step = load_checkpoint(resume_from, loop.model, loop.optimizer, model_grid)["step"]
         if is_main_rank():
             truncate_metrics(run_dir / "metrics.jsonl", start_step)
     # The run folder records the model as built: vocabulary from the data, preset resolved.
@@ -255,6 +259,9 @@ def train(config: RunConfig, explicit_model: dict[str, Any], resume: str | None 
         samples = step * config.train.batch_size * config.train.grad_accum * loop.replica.batch_ranks
         state = {"samples": samples, "loss": last_loss,
                  "epoch": loop.train_batches.epoch_of(step * config.train.grad_accum)}
+        if grid is not None and not loop.replica.splits_model:
+            return save_replicated_checkpoint(run_dir, step, loop.model, loop.optimizer, state, config_toml,
+                                              tokenizer_folder, config.run.keep_checkpoints)
         return save_checkpoint(run_dir, step, loop.model, loop.optimizer, state, config_toml, tokenizer_folder,
                                config.run.keep_checkpoints, grid)
 

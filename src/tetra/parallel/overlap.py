@@ -1,0 +1,185 @@
+"""Communication overlapped with computation in a tensor-parallel training step (the AxoNN schedule):
+the input-gradient all-reduce runs while the weight-gradient GEMM computes, the depth reduce-scatter of a weight
+gradient runs in the background, the next layer's depth all-gather is prefetched while this layer computes, and
+data-parallel gradient sums start in buckets as soon as their gradients are final, during the backward pass.
+
+With overlap off, every collective is started and waited at once, in the same order on the same buffers, so the
+results are bit-identical; only the waiting moves. Every wait is explicit (Pending.wait): nothing relies on a
+device synchronization.
+
+Entry point: CommSchedule (one per parallelized model), used by TensorParallelLinear and sync_gradients.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from tetra.parallel.collectives import Group, Pending, start_all_gather_flat, start_all_reduce
+
+# Data-parallel gradient buckets: large enough to amortize latency, small enough to start early.
+BUCKET_BYTES = 16 * 2**20
+
+
+class _Bucket:
+    """Gradients reduced together over one group: summed as one flat buffer once all of them are final."""
+
+    def __init__(self, parameters: list[nn.Parameter], group: Group) -> None:
+        self.parameters, self.group = parameters, group
+        self.ready: set[int] = set()
+        self.missing: set[int] = set()
+        self.pending: Pending | None = None
+
+    def reset(self) -> None:
+        self.ready.clear()
+        self.pending = None
+
+    @property
+    def complete(self) -> bool:
+        return len(self.ready) == len(self.parameters)
+
+    def start(self, blocking: bool) -> None:
+        self.missing = {id(p) for p in self.parameters if p.grad is None}  # unused this step: stays None
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.parameters]
+        self.pending = start_all_reduce(torch.cat([grad.reshape(-1) for grad in grads]), self.group, blocking)
+
+    def finish(self) -> None:
+        summed, offset = self.pending.wait(), 0
+        for parameter in self.parameters:
+            piece = summed[offset:offset + parameter.numel()].view_as(parameter)
+            offset += parameter.numel()
+            if id(parameter) not in self.missing:
+                parameter.grad.copy_(piece)
+
+
+class CommSchedule:
+    """The pending collectives of one model on one rank, and whether they overlap computation (overlap=True)."""
+
+    def __init__(self, overlap: bool = True, bucket_bytes: int = BUCKET_BYTES) -> None:
+        self.overlap, self.bucket_bytes = overlap, bucket_bytes
+        self.order: list[nn.Module] = []  # depth-sharded layers in forward order, for prefetching
+        self._prefetched: dict[int, tuple[int, Pending]] = {}  # id(layer) -> (weight version, gather)
+        self._deferred: deque[tuple[Pending, Callable[[torch.Tensor], None]]] = deque()
+        self._buckets: list[_Bucket] = []
+        self._bucket_of: dict[int, _Bucket] = {}
+        self._armed, self._next_bucket = False, 0
+        # Parameters whose gradient arrives through defer() (depth-sharded weights): autograd still runs their
+        # gradient-accumulation hooks, with no gradient, so those hooks must not count as the gradient being final.
+        self._deferred_parameters: set[int] = set()
+
+    def gradient_arrives_deferred(self, parameter: nn.Parameter) -> None:
+        self._deferred_parameters.add(id(parameter))
+
+    @property
+    def blocking(self) -> bool:
+        return not self.overlap
+
+    # Forward: depth all-gathers, one layer ahead.
+    def gathered_weight(self, layer: nn.Module, shard: torch.Tensor, group: Group) -> torch.Tensor:
+        """The layer's full flat weight block; with overlap, the next layer's gather starts before returning."""
+        prefetched = self._prefetched.pop(id(layer), None)
+        if prefetched is not None and prefetched[0] == shard._version:
+            gathered = prefetched[1].wait()
+        else:
+            if prefetched is not None:  # the weights changed since (an optimizer step): gather again
+                prefetched[1].wait()
+            gathered = start_all_gather_flat(shard, group, blocking=True).wait()
+        if self.overlap and layer in self.order:
+            position = self.order.index(layer)
+            if position + 1 < len(self.order):
+                following = self.order[position + 1]
+                if id(following) not in self._prefetched:
+                    self._prefetched[id(following)] = (following.weight._version,
+                                                       start_all_gather_flat(following.weight, group))
+        return gathered
+
+    # Backward: gradient reduce-scatters finish in the background, in the order they started.
+    def defer(self, pending: Pending, finish: Callable[[torch.Tensor], None]) -> None:
+        self._deferred.append((pending, finish))
+        if self.blocking:
+            self.poll(everything=True)
+
+    def poll(self, everything: bool = False) -> None:
+        """Finish the deferred collectives that are done (all of them with everything=True), oldest first."""
+        while self._deferred and (everything or self._deferred[0][0].done()):
+            pending, finish = self._deferred.popleft()
+            finish(pending.wait())
+
+    # Data-parallel sums, bucketed, started during the last backward of a step.
+    def build_buckets(self, model: nn.Module, group_of: Callable[[nn.Parameter], Group]) -> None:
+        """Buckets in reverse registration order (roughly the order backward finishes gradients), one group each."""
+        self._buckets, self._bucket_of = [], {}
+        open_buckets: dict[int, list[nn.Parameter]] = {}
+        groups: dict[int, Group] = {}
+
+        def close(key: int) -> None:
+            bucket = _Bucket(open_buckets.pop(key), groups[key])
+            self._buckets.append(bucket)
+            for parameter in bucket.parameters:
+                self._bucket_of[id(parameter)] = bucket
+
+        for parameter in reversed([p for p in model.parameters() if p.requires_grad]):
+            group = group_of(parameter)
+            if group is None:
+                continue
+            key = id(group)
+            groups[key] = group
+            open_buckets.setdefault(key, []).append(parameter)
+            if sum(p.numel() * p.element_size() for p in open_buckets[key]) >= self.bucket_bytes:
+                close(key)
+            if id(parameter) not in self._deferred_parameters and not getattr(parameter, "_tetra_hooked", False):
+                parameter.register_post_accumulate_grad_hook(self.gradient_final)
+                parameter._tetra_hooked = True
+        for key in list(open_buckets):
+            close(key)
+
+    def arm(self) -> None:
+        """The next backward is the step's last: start the buckets' sums as their gradients become final.
+
+        Earlier micro-batches' reduce-scatters are finished first, so only this backward can complete a gradient."""
+        self.poll(everything=True)
+        self._armed, self._next_bucket = True, 0
+        for bucket in self._buckets:
+            bucket.reset()
+
+    def gradient_final(self, parameter: nn.Parameter) -> None:
+        """Called once a parameter's gradient for this step is complete. Buckets start strictly in bucket order,
+        so every rank issues the same collectives in the same order whatever the timing."""
+        bucket = self._bucket_of.get(id(parameter)) if self._armed else None
+        if bucket is None:
+            return
+        bucket.ready.add(id(parameter))
+        while self._next_bucket < len(self._buckets) and self._buckets[self._next_bucket].complete:
+            self._start_next_bucket()
+
+    def _start_next_bucket(self) -> None:
+        bucket = self._buckets[self._next_bucket]
+        bucket.start(self.blocking)
+        if self.blocking:
+            bucket.finish()
+        self._next_bucket += 1
+
+    def flush(self) -> None:
+        """After the step's last backward: finish the reduce-scatters and start every bucket not yet started.
+
+        Bucket sums start at moments that depend on timing, so before the next other collective on their groups
+        (a loss sum, say) every rank must have started all of them: then all ranks issue the same sequence."""
+        self.poll(everything=True)
+        while self._armed and self._next_bucket < len(self._buckets):
+            self._start_next_bucket()
+
+    def finish(self) -> set[int]:
+        """Wait for everything still running; returns the ids of parameters whose data-parallel sum is done."""
+        self.flush()
+        for _, pending in self._prefetched.values():
+            pending.wait()
+        self._prefetched.clear()
+        if not self._armed:
+            return set()
+        for bucket in self._buckets:
+            bucket.finish()
+        self._armed = False
+        return {id(p) for bucket in self._buckets for p in bucket.parameters}
