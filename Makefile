@@ -34,7 +34,7 @@ test-slow: install
 	$(BIN)/python -m pytest -m slow
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks docs
+	$(BIN)/ruff check src tests benchmarks docs experiments
 
 bench: install
 	$(BIN)/python benchmarks/generate_throughput.py

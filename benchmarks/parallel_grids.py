@@ -1,6 +1,8 @@
 """Every valid 4D grid of a small model on N gloo processes: step time and bytes each rank moves per step.
 
 Run: python benchmarks/parallel_grids.py [--world 4 --layers 2 --width 128 --seq 128 --batch 8 --steps 5]
+     python benchmarks/parallel_grids.py --compare-overlap     (each grid with overlapped and blocking collectives)
+Steps go through the trainer's Replica (bucketed data-parallel sums, overlapped collectives unless compared).
 Bytes use ring costs (all-reduce 2(G-1)/G x message, all-gather (G-1)/G x result); gloo has no reduce-scatter,
 so tetra runs it as an all-reduce there and it is counted as one. The performance planner builds on this table.
 """
@@ -10,17 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 import torch
 import torch.distributed as dist
 
+from step_timing import time_steps
 from tetra.model import ModelConfig, Transformer
 from tetra.parallel.grid import ProcessGrid
 from tetra.parallel.launch import spawn_collect
-from tetra.parallel.parallelize import clip_global_grad_norm, parallel_next_token_loss, parallelize, sync_gradients
+from tetra.parallel.parallelize import parallelize
 from tetra.parallel.planner import valid_grids
+from tetra.train.replica import Replica
 
 
 def parse_args() -> argparse.Namespace:
@@ -33,6 +35,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8, help="global batch (sequences)")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per step")
+    parser.add_argument("--compare-overlap", action="store_true",
+                        help="also time each grid with blocking collectives (parallel.overlap=false)")
     return parser.parse_args()
 
 
@@ -64,34 +69,26 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
                          intermediate_size=4 * args.width, max_position_embeddings=args.seq)
     counter = ByteCounter()
     rows = []
+    tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
     for shape in valid_grids(config, world, args.batch):
         grid = ProcessGrid.build(shape)
-        torch.manual_seed(0)
-        model = Transformer(config)
-        model.init_weights()
-        parallelize(model, grid)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
         local = tokens.chunk(grid.size("batch"))[grid.index("batch")]
-        times, moved = [], []
-        for step in range(args.steps + 2):
-            dist.barrier()
-            start_bytes, start = counter.bytes, time.perf_counter()
-            loss, _ = parallel_next_token_loss(model, local, grid, tokens[:, 1:].numel())
-            loss.backward()
-            sync_gradients(model, grid)
-            clip_global_grad_norm(model, grid, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            dist.barrier()
-            if step >= 2:
-                times.append(time.perf_counter() - start)
-                moved.append(counter.bytes - start_bytes)
-        per_rank_bytes = torch.tensor([statistics.mean(moved)])
-        dist.all_reduce(per_rank_bytes)
-        rows.append({"grid": vars(shape), "step_ms": 1000 * statistics.median(times),
-                     "mbytes_per_rank": float(per_rank_bytes) / world / 1e6,
-                     "params_per_rank": sum(p.numel() for p in model.parameters())})
+        row = {"grid": vars(shape)}
+        for overlap in (True, False) if args.compare_overlap else (True,):
+            torch.manual_seed(0)
+            model = Transformer(config)
+            model.init_weights()
+            parallelize(model, grid, overlap=overlap)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            start_bytes = counter.bytes
+            seconds, _ = time_steps(model, Replica(grid), optimizer, list(local.chunk(args.accumulation)),
+                                    args.steps)
+            per_rank_bytes = torch.tensor([(counter.bytes - start_bytes) / (args.steps + 2)])
+            dist.all_reduce(per_rank_bytes)
+            row["step_ms" if overlap else "blocking_step_ms"] = 1000 * seconds
+            row.update(mbytes_per_rank=float(per_rank_bytes) / world / 1e6,
+                       params_per_rank=sum(p.numel() for p in model.parameters()))
+        rows.append(row)
     if rank == 0:
         with open(out_path, "w") as handle:
             json.dump(rows, handle)
@@ -108,10 +105,13 @@ def main() -> None:
     rows = measure_grids(args)
     print(f"model: {args.layers} layers, width {args.width}, vocab {args.vocab}; global batch {args.batch} x "
           f"{args.seq}; {args.world} gloo processes on {os.cpu_count()} cores")
-    print(f"{'data':>4} {'depth':>5} {'row':>3} {'col':>3} {'step ms':>9} {'MB/rank/step':>13} {'params/rank':>12}")
+    overlap = args.compare_overlap
+    print(f"{'data':>4} {'depth':>5} {'row':>3} {'col':>3} {'step ms':>9}"
+          + (f" {'blocking ms':>12} {'gain':>6}" if overlap else "") + f" {'MB/rank/step':>13} {'params/rank':>12}")
     for row in rows:
         g = row["grid"]
-        print(f"{g['data']:>4} {g['depth']:>5} {g['row']:>3} {g['col']:>3} {row['step_ms']:>9.1f} "
+        gain = f" {row['blocking_step_ms']:>12.1f} {row['blocking_step_ms'] / row['step_ms']:>5.2f}x" if overlap else ""
+        print(f"{g['data']:>4} {g['depth']:>5} {g['row']:>3} {g['col']:>3} {row['step_ms']:>9.1f}{gain} "
               f"{row['mbytes_per_rank']:>13.2f} {row['params_per_rank']:>12,}")
 
 

@@ -31,6 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seq", type=int, required=True, help="sequence length")
     parser.add_argument("--micro-batch", type=int, default=1, help="sequences per rank per micro-step")
     parser.add_argument("--zero1", action="store_true", help="optimizer state also sharded over data")
+    parser.add_argument("--no-overlap", action="store_true",
+                        help="model blocking collectives (parallel.overlap=false): nothing hidden behind compute")
     parser.add_argument("--top", type=int, default=10, help="rows to print")
     parser.add_argument("--json", action="store_true", help="every grid as JSON")
     parser.set_defaults(handler=run)
@@ -43,22 +45,25 @@ def _model(name: str) -> ModelConfig:
 def _row(p: Prediction) -> dict:
     gigabytes = {key: round(value / 1e9, 3) for key, value in p.memory.items()}
     return {"grid": vars(p.shape), "step_s": p.step_time, "compute_s": p.compute,
-            "collectives_s": dict(p.collectives), "memory_gb": gigabytes, "fits": p.fits}
+            "collectives_s": dict(p.collectives), "exposed_collectives_s": {k: p.exposed(k) for k in p.collectives},
+            "memory_gb": gigabytes, "fits": p.fits}
 
 
 def run(args: argparse.Namespace) -> int:
     machine = MachineProfile.load(args.machine)
     predictions = plan(_model(args.model), args.devices, args.global_batch, args.seq, machine, args.zero1,
-                       args.micro_batch)
+                       args.micro_batch, overlap=not args.no_overlap)
     if args.json:
         print_json({"machine": machine.name, "devices": args.devices, "grids": [_row(p) for p in predictions]})
         return 0
-    print(f"{len(predictions)} valid grids on {args.devices} x {machine.name}; best first (no overlap modelled)")
-    print("times in milliseconds per optimizer step; collectives by the group they run on")
+    overlap = "blocking collectives" if args.no_overlap else "overlapped collectives"
+    print(f"{len(predictions)} valid grids on {args.devices} x {machine.name}; best first ({overlap})")
+    print("times in milliseconds per optimizer step; collectives by the group they run on, the part the step waits "
+          "for (not hidden behind computation)")
     print(f"{'data':>4} {'depth':>5} {'row':>3} {'col':>3} {'step':>10} {'compute':>10} {'col':>9} {'row':>9} "
           f"{'depth':>9} {'data':>9} {'GB/dev':>7}  fits")
     for p in predictions[: args.top]:
-        s, c = p.shape, {key: 1000 * value for key, value in p.collectives.items()}
+        s, c = p.shape, {key: 1000 * p.exposed(key) for key in p.collectives}
         print(f"{s.data:>4} {s.depth:>5} {s.row:>3} {s.col:>3} {1000 * p.step_time:>10.2f} {1000 * p.compute:>10.2f} "
               f"{c['col']:>9.2f} {c['row']:>9.2f} {c['depth']:>9.2f} {c['data']:>9.2f} "
               f"{sum(p.memory.values()) / 1e9:>7.2f}  {'yes' if p.fits else 'no'}")

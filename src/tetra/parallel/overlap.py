@@ -60,7 +60,7 @@ class CommSchedule:
 
     def __init__(self, overlap: bool = True, bucket_bytes: int = BUCKET_BYTES) -> None:
         self.overlap, self.bucket_bytes = overlap, bucket_bytes
-        self.order: list[nn.Module] = []  # depth-sharded layers in forward order, for prefetching
+        self._next_layer: dict[int, nn.Module] = {}  # depth-sharded layer -> the one forward runs after it
         self._prefetched: dict[int, tuple[int, Pending]] = {}  # id(layer) -> (weight version, gather)
         self._deferred: deque[tuple[Pending, Callable[[torch.Tensor], None]]] = deque()
         self._buckets: list[_Bucket] = []
@@ -72,6 +72,10 @@ class CommSchedule:
 
     def gradient_arrives_deferred(self, parameter: nn.Parameter) -> None:
         self._deferred_parameters.add(id(parameter))
+
+    def set_forward_order(self, layers: list[nn.Module]) -> None:
+        """The depth-sharded layers in the order forward uses them: each prefetches the next one's weights."""
+        self._next_layer = {id(layer): following for layer, following in zip(layers, layers[1:], strict=False)}
 
     @property
     def blocking(self) -> bool:
@@ -87,13 +91,10 @@ class CommSchedule:
             if prefetched is not None:  # the weights changed since (an optimizer step): gather again
                 prefetched[1].wait()
             gathered = start_all_gather_flat(shard, group, blocking=True).wait()
-        if self.overlap and layer in self.order:
-            position = self.order.index(layer)
-            if position + 1 < len(self.order):
-                following = self.order[position + 1]
-                if id(following) not in self._prefetched:
-                    self._prefetched[id(following)] = (following.weight._version,
-                                                       start_all_gather_flat(following.weight, group))
+        following = self._next_layer.get(id(layer)) if self.overlap else None
+        if following is not None and id(following) not in self._prefetched:
+            self._prefetched[id(following)] = (following.weight._version,
+                                               start_all_gather_flat(following.weight, group))
         return gathered
 
     # Backward: gradient reduce-scatters finish in the background, in the order they started.

@@ -57,7 +57,7 @@ def parallelize(model: Transformer, grid: ProcessGrid, overlap: bool = True) -> 
     model.norm = ParallelNorm(model.norm, grid, width)
     model.head = TiedHead(model.embed, grid) if tied else linear(model.head, transposed=False)
     if grid.size("depth") > 1:  # forward order, for prefetching each next layer's weights
-        schedule.order = [module for module in model.modules() if isinstance(module, TensorParallelLinear)]
+        schedule.set_forward_order([module for module in model.modules() if isinstance(module, TensorParallelLinear)])
     model.comm_schedule = schedule
     return model
 

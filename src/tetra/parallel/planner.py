@@ -19,7 +19,7 @@ from tetra.parallel.grid import GridShape, check_grid
 
 MACHINES = Path(__file__).with_name("machines")
 # Bytes per value: activations and weights move in bf16; gradients are reduced in fp32 (master precision).
-ACTIVATION_BYTES, GRADIENT_BYTES = 2, 4
+ACTIVATION_BYTES, GRADIENT_BYTES, MASTER_BYTES = 2, 4, 4
 
 
 @dataclass(frozen=True)
@@ -99,10 +99,23 @@ class Prediction:
     collectives: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("col", "row", "depth", "data"), 0.0))
     memory: dict[str, float] = field(default_factory=dict)
     fits: bool = True
+    # With overlapped collectives (parallel.overlap): the part of each group's time that can run in the background,
+    # and the computation it can hide behind.
+    overlappable: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("col", "row", "depth", "data"), 0.0))
+    windows: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("col", "row", "depth", "data"), 0.0))
+    overlap: bool = True
+
+    def exposed(self, dimension: str) -> float:
+        """Seconds of this group's collectives that the step waits for."""
+        total = self.collectives[dimension]
+        if not self.overlap:
+            return total
+        hidden = min(self.overlappable[dimension], self.windows[dimension])
+        return total - hidden
 
     @property
     def step_time(self) -> float:
-        return self.compute + sum(self.collectives.values())
+        return self.compute + sum(self.exposed(name) for name in self.collectives)
 
 
 def _add_gemm(prediction: Prediction, gemm: Gemm, tokens: float, micro_steps: int, machine: MachineProfile,
@@ -113,27 +126,39 @@ def _add_gemm(prediction: Prediction, gemm: Gemm, tokens: float, micro_steps: in
     block = gemm.in_features * gemm.out_features / (shape.row * shape.col)
     local_tokens = tokens / (shape.data * shape.depth)
     n = gemm.per_model
-    prediction.compute += n * 6 * local_tokens * block / machine.gemm_flops
+    gemm_seconds = n * 6 * local_tokens * block / machine.gemm_flops
+    prediction.compute += gemm_seconds
     bandwidth = {name: group_bandwidth(machine, shape, name) for name in ("col", "row", "depth", "data")}
-    # Output partials summed over the in-feature group; input gradients over the out-feature group.
+    # Output partials summed over the in-feature group (the next operation needs them: never hidden); input
+    # gradients over the out-feature group, which overlap the weight-gradient GEMM (a third of the GEMM time).
     prediction.collectives[in_dim] += n * _ring_all_reduce(in_split) * local_tokens * gemm.out_features / out_split \
         * value_bytes / bandwidth[in_dim]
-    prediction.collectives[out_dim] += n * _ring_all_reduce(out_split) * local_tokens * gemm.in_features / in_split \
-        * value_bytes / bandwidth[out_dim]
-    # The weight block: gathered over depth in forward and again in backward, its gradient reduce-scattered, once
-    # per micro-batch; the data all-reduce happens once per optimizer step.
-    prediction.collectives["depth"] += n * micro_steps * _ring_gather(shape.depth) * block \
-        * (2 * value_bytes + GRADIENT_BYTES) / bandwidth["depth"]
-    prediction.collectives["data"] += n * _ring_all_reduce(shape.data) * block / shape.depth * GRADIENT_BYTES \
-        / bandwidth["data"]
+    input_gradient = n * _ring_all_reduce(out_split) * local_tokens * gemm.in_features / in_split * value_bytes \
+        / bandwidth[out_dim]
+    prediction.collectives[out_dim] += input_gradient
+    prediction.overlappable[out_dim] += input_gradient
+    prediction.windows[out_dim] += gemm_seconds / 3
+    # The fp32 weight block is gathered over depth once per micro-batch (kept for backward) and its gradient
+    # reduce-scattered: prefetched one layer ahead and finished in the background, behind this layer's GEMMs.
+    depth = n * micro_steps * _ring_gather(shape.depth) * block * (MASTER_BYTES + GRADIENT_BYTES) / bandwidth["depth"]
+    prediction.collectives["depth"] += depth
+    prediction.overlappable["depth"] += depth
+    prediction.windows["depth"] += gemm_seconds
+    # The data all-reduce happens once per optimizer step, in buckets during the last backward (two thirds of the
+    # last micro-batch's GEMMs), except the last bucket.
+    data = n * _ring_all_reduce(shape.data) * block / shape.depth * GRADIENT_BYTES / bandwidth["data"]
+    prediction.collectives["data"] += data
+    prediction.overlappable["data"] += data
+    prediction.windows["data"] += 2 * gemm_seconds / 3 / micro_steps
 
 
 def predict(config: ModelConfig, shape: GridShape, global_batch: int, seq_len: int, machine: MachineProfile,
-            zero1: bool = False, micro_batch: int = 1, value_bytes: int = ACTIVATION_BYTES) -> Prediction:
+            zero1: bool = False, micro_batch: int = 1, value_bytes: int = ACTIVATION_BYTES,
+            overlap: bool = True) -> Prediction:
     """Step time and memory per device of one grid (bf16 compute, fp32 master weights and AdamW state); each batch
     rank runs its share as micro-batches of `micro_batch` sequences (gradient accumulation). value_bytes is the
     width of activations and gathered weights: 2 for bf16 training, 4 for fp32."""
-    prediction = Prediction(shape)
+    prediction = Prediction(shape, overlap=overlap)
     tokens = global_batch * seq_len
     micro_steps = max(global_batch // (shape.data * shape.depth * micro_batch), 1)
     for gemm in model_gemms(config):
@@ -171,12 +196,13 @@ def valid_grids(config: ModelConfig, devices: int, global_batch: int, micro_batc
 
 
 def plan(config: ModelConfig, devices: int, global_batch: int, seq_len: int, machine: MachineProfile,
-         zero1: bool = False, micro_batch: int = 1) -> list[Prediction]:
+         zero1: bool = False, micro_batch: int = 1, overlap: bool = True) -> list[Prediction]:
     """Valid grids ranked: those that fit in memory first, each group by predicted step time."""
     grids = valid_grids(config, devices, global_batch, micro_batch)
     if not grids:
         raise ConfigError(f"No grid of {devices} devices splits this model and a global batch of {global_batch} "
                           f"(micro-batches of {micro_batch}): the sizes it splits (hidden, heads, KV heads, MLP width, "
                           "vocabulary) and the batch must divide by the grid's dimensions.")
-    predictions = [predict(config, shape, global_batch, seq_len, machine, zero1, micro_batch) for shape in grids]
+    predictions = [predict(config, shape, global_batch, seq_len, machine, zero1, micro_batch, overlap=overlap)
+                   for shape in grids]
     return sorted(predictions, key=lambda p: (not p.fits, p.step_time))

@@ -12,10 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from tetra.parallel.collectives import (
+    all_gather_flat,
     all_reduce,
     reduce_backward,
     reduce_both_ways,
     reduce_forward,
+    reduce_scatter_flat,
     start_all_reduce,
     start_reduce_scatter_flat,
 )
@@ -29,6 +31,19 @@ def sharded_parameter(full: torch.Tensor, layout: Layout, grid: ProcessGrid) -> 
     parameter = nn.Parameter(shard(full, layout, grid))
     parameter.tetra_layout = layout
     return parameter
+
+
+class _DepthGather(torch.autograd.Function):
+    """All-gather a weight shard over depth in forward; reduce-scatter its gradient in backward (ZeRO-3 in TP)."""
+
+    @staticmethod
+    def forward(ctx, shard_: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return all_gather_flat(shard_, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return reduce_scatter_flat(grad.contiguous(), ctx.group), None
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -123,7 +138,8 @@ class TensorParallelLinear(nn.Module):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Token embedding with rows (vocabulary) over the row group and columns (hidden) over the column group."""
+    """Token embedding with rows (vocabulary) over the row group and columns (hidden) over the column group; the
+    [row, col] block is sharded over depth like a Linear's (gathered when used, gradient reduce-scattered)."""
 
     def __init__(self, embedding: nn.Embedding, grid: ProcessGrid) -> None:
         super().__init__()
@@ -131,12 +147,20 @@ class VocabParallelEmbedding(nn.Module):
         vocab = embedding.weight.shape[0]
         self.per_rank = vocab // grid.size("row")
         self.start = grid.index("row") * self.per_rank
-        self.weight = sharded_parameter(embedding.weight.data, Layout(tuple(embedding.weight.shape), 0, 1), grid)
+        layout = Layout(tuple(embedding.weight.shape), 0, 1, depth=True)
+        self.block_shape = layout.block_shape(grid)
+        self.weight = sharded_parameter(embedding.weight.data, layout, grid)
+
+    def block(self) -> torch.Tensor:
+        """This rank's [vocab / row, hidden / col] table (for the embedding and a tied head)."""
+        depth_group = self.grid.groups["depth"]
+        flat = self.weight if depth_group is None else _DepthGather.apply(self.weight, depth_group)
+        return flat[:self.block_shape[0] * self.block_shape[1]].view(self.block_shape)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.start
         inside = (local >= 0) & (local < self.per_rank)
-        rows = F.embedding(local.clamp(0, self.per_rank - 1), self.weight) * inside.unsqueeze(-1)
+        rows = F.embedding(local.clamp(0, self.per_rank - 1), self.block()) * inside.unsqueeze(-1)
         return reduce_forward(rows, self.grid.groups["row"])
 
 
@@ -161,7 +185,7 @@ class TiedHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = reduce_backward(x, self.grid.groups["row"])
-        return reduce_forward(F.linear(x, self._embedding[0].weight), self.grid.groups["col"])
+        return reduce_forward(F.linear(x, self._embedding[0].block()), self.grid.groups["col"])
 
 
 class ParallelNorm(nn.Module):

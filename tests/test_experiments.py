@@ -1,0 +1,34 @@
+"""The experiments' smoke versions run end to end and write their tables."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_catastrophic_memorization_smoke(tmp_path):
+    experiment = _load("catastrophic_memorization")
+    assert experiment.main(["--smoke", "--work", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["repeated"]) == {"standard", "goldfish k=4"} and len(results["single_pass"]) == 2
+    canaries = (tmp_path / "canaries.jsonl").read_text().splitlines()
+    assert len(canaries) >= results["scale"]["canaries"] - 2  # a window may be too short once re-tokenized
+    for run in results["repeated"].values():
+        assert run["canaries"]["documents"] == len(canaries)
+        assert 0 <= run["canaries"]["exact_match_rate"] <= 1 and run["held_out_loss"] > 0
+    assert "| standard |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "memorization.png").stat().st_size > 1000
+    # Held-out documents never reach the training data.
+    training = (tmp_path / "repeated.jsonl").read_text()
+    controls = [json.loads(line)["text"] for line in (tmp_path / "controls.jsonl").read_text().splitlines()]
+    assert not any(json.dumps(text)[1:-1] in training for text in controls)
