@@ -59,12 +59,32 @@ def test_memory_shrinks_with_sharding_and_is_checked_against_the_device():
                                   if a.fits == b.fits)
 
 
+def test_overlap_hides_only_the_background_collectives_up_to_their_compute_window():
+    machine = MachineProfile.load("perlmutter")
+    shape = GridShape(data=8, depth=2, row=4)
+    overlapped = predict(LLAMA_8B, shape, 512, 4096, machine)
+    blocking = predict(LLAMA_8B, shape, 512, 4096, machine, overlap=False)
+    assert overlapped.collectives == blocking.collectives and overlapped.compute == blocking.compute
+    assert blocking.step_time == pytest.approx(blocking.compute + sum(blocking.collectives.values()))
+    assert overlapped.step_time < blocking.step_time
+    for name in ("col", "row", "depth", "data"):
+        hidden = overlapped.collectives[name] - overlapped.exposed(name)
+        assert 0 <= hidden <= min(overlapped.windows[name], overlapped.overlappable[name]) + 1e-12
+    # The output all-reduce of a layer is needed by the next operation: a row-only grid's forward sums stay exposed.
+    row_only = predict(LLAMA_8B, GridShape(row=8), 64, 2048, machine)
+    assert row_only.exposed("row") > 0
+
+
 def test_plan_command(capsys):
     assert main(["plan", "--model", "llama-1b", "--devices", "8", "--machine", "dgx-h100", "--global-batch", "64",
                  "--seq", "2048", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["machine"] == "dgx-h100" and len(result["grids"]) > 5
-    assert {"grid", "step_s", "compute_s", "collectives_s", "memory_gb", "fits"} <= set(result["grids"][0])
+    assert {"grid", "step_s", "compute_s", "collectives_s", "exposed_collectives_s", "memory_gb",
+            "fits"} <= set(result["grids"][0])
+    assert main(["plan", "--model", "llama-1b", "--devices", "8", "--machine", "dgx-h100", "--global-batch", "64",
+                 "--seq", "2048", "--no-overlap"]) == 0
+    assert "(blocking collectives)" in capsys.readouterr().out
     assert main(["plan", "--model", "tiny", "--devices", "4", "--machine", "nowhere", "--global-batch", "8",
                  "--seq", "64"]) == 2
     assert "No machine profile 'nowhere'" in capsys.readouterr().err

@@ -8,15 +8,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-from tetra.commands.common import print_json
-from tetra.data.tokenizer import TextTokenizer
-from tetra.devices import resolve_device, resolve_dtype
+from tetra.commands.common import add_model_arguments, load_model_and_tokenizer, print_json
 from tetra.errors import ConfigError
 from tetra.infer.sampling import SamplingConfig
 from tetra.infer.text import generate_text
-from tetra.model.io import load_model
 
 EXAMPLES = """examples:
   tetra generate runs/demo/checkpoints/final --prompt "def fibonacci(n):" --max-new-tokens 64
@@ -28,7 +24,7 @@ EXAMPLES = """examples:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("generate", help="sample text from a model", epilog=EXAMPLES,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="tetra checkpoint folder or Hugging Face model folder")
+    add_model_arguments(parser)
     parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -37,9 +33,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     parser.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
-    parser.add_argument("--tokenizer", help="tokenizer folder, if not the model folder")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "keep", "float32", "bfloat16", "float16"])
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     parser.set_defaults(handler=run)
 
@@ -48,9 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens}).")
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
-    tokenizer = TextTokenizer.load(Path(args.tokenizer or args.model))
-    device = resolve_device(args.device)
-    model = load_model(args.model, dtype=resolve_dtype(args.dtype, device), device=device)
+    model, tokenizer = load_model_and_tokenizer(args)
     prompts = args.prompt
     if args.chat:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]

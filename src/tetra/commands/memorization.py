@@ -9,13 +9,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from tetra.commands.common import print_json
+from tetra.commands.common import add_model_arguments, load_model_and_tokenizer, print_json
 from tetra.data.sources import iter_documents
-from tetra.data.tokenizer import TextTokenizer
-from tetra.devices import resolve_device, resolve_dtype
 from tetra.errors import ConfigError
 from tetra.eval.memorization import measure_memorization, plot_histogram
-from tetra.model.io import load_model
 
 EXAMPLES = """examples:
   tetra memorization runs/demo/checkpoints/step-0000400 --documents canaries.jsonl
@@ -29,16 +26,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    "from the tokens before them and report the exact-match rate, mean RougeL and the "
                                    "longest matching prefix (mean and histogram).",
                                    epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="tetra checkpoint folder or Hugging Face model folder")
+    add_model_arguments(parser)
     parser.add_argument("--documents", required=True, help=".jsonl (one {\"text\": ...} per line), text files, ...")
     parser.add_argument("--text-field", default="text", help="JSON field holding the text")
     parser.add_argument("--suffix-tokens", type=int, default=50, help="tokens to reproduce at each document's end")
     parser.add_argument("--max-prefix-tokens", type=int, default=2048, help="prompt with at most this many tokens")
     parser.add_argument("--batch-size", type=int, default=32, help="documents decoded together")
     parser.add_argument("--plot", default="memorization.png", help="histogram of longest matches (PNG)")
-    parser.add_argument("--tokenizer", help="tokenizer folder, if not the model folder")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "keep", "float32", "bfloat16", "float16"])
     parser.add_argument("--json", action="store_true", help="print one JSON object (with per-document results)")
     parser.set_defaults(handler=run)
 
@@ -47,10 +41,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("suffix_tokens", "max_prefix_tokens", "batch_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)}).")
-    tokenizer = TextTokenizer.load(Path(args.tokenizer or args.model))
+    model, tokenizer = load_model_and_tokenizer(args)
     documents = [tokenizer.encode(text) for text in iter_documents(args.documents, args.text_field)]
-    device = resolve_device(args.device)
-    model = load_model(args.model, dtype=resolve_dtype(args.dtype, device), device=device)
     report = measure_memorization(model, documents, args.suffix_tokens, args.max_prefix_tokens, args.batch_size)
     plot = plot_histogram({Path(args.model).name: report}, Path(args.plot))
     if args.json:
