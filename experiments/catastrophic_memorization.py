@@ -46,7 +46,7 @@ class Scale:
     lr: float = 3e-3
     model: dict = field(default_factory=lambda: {"preset": "tiny"})
     training_files: int = 0  # 0 = every stdlib file that is not held out
-    sweep_files: int = 120  # training files of the single-pass runs (one epoch each)
+    sweep_files: int = 260  # training files of the single-pass runs (one epoch each)
     sweep_models: dict = field(default_factory=lambda: {
         "0.4M": dict(hidden_size=64, n_layers=2, n_heads=2, n_kv_heads=1, intermediate_size=176),
         "1.9M": dict(hidden_size=128, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=352),
@@ -146,11 +146,13 @@ def evaluate(checkpoint: Path, tokenizer: TextTokenizer, canaries: list[str], co
 def row(name: str, result: dict) -> str:
     report, baseline = result["canaries"], result["controls"]
     return (f"| {name} | {report.exact_match_rate:.0%} | {report.mean_rouge_l:.3f} | {report.mean_longest_match:.1f} "
-            f"| {baseline.exact_match_rate:.0%} | {baseline.mean_rouge_l:.3f} | {result['held_out_loss']:.3f} |")
+            f"| {report.mean_suffix_loss:.2f} | {baseline.exact_match_rate:.0%} | {baseline.mean_rouge_l:.3f} "
+            f"| {baseline.mean_suffix_loss:.2f} | {result['held_out_loss']:.3f} |")
 
 
-HEADER = ("| run | exact match | RougeL | longest match (of 50) | control exact | control RougeL | held-out loss |\n"
-          "| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+HEADER = ("| run | exact match | RougeL | longest match (of 50) | suffix loss | control exact | control RougeL "
+          "| control suffix loss | held-out loss |\n"
+          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from tetra.cli import main
-from tetra.eval.memorization import longest_matching_prefix, measure_memorization, rouge_l, split_document
+from tetra.eval.memorization import (
+    longest_matching_prefix,
+    measure_memorization,
+    rouge_l,
+    split_document,
+    suffix_losses,
+)
 from tetra.infer.generate import generate_ids
 from tetra.model.io import load_model
 
@@ -39,10 +45,21 @@ def test_a_model_reproduces_its_own_greedy_continuations_and_not_altered_ones(ti
     report = measure_memorization(model, own + [[1, 2, 3]], suffix_tokens=12, batch_size=2)
     assert report.exact_match_rate == 1.0 and report.mean_rouge_l == 1.0 and report.mean_longest_match == 12
     assert report.documents == 5 and report.skipped == 1 and report.histogram[12] == 5
+    own_loss = report.mean_suffix_loss
     altered = [document[:-7] + [(document[-7] + 1) % vocab] + document[-6:] for document in own]
     report = measure_memorization(model, altered, suffix_tokens=12, batch_size=3)
     assert report.exact_match_rate == 0.0 and report.mean_longest_match == 5 and report.histogram[5] == 5
-    assert 0.5 < report.mean_rouge_l < 1.0
+    assert 0.5 < report.mean_rouge_l < 1.0 and report.mean_suffix_loss > own_loss
+
+
+def test_suffix_loss_of_a_padded_batch_equals_one_document_at_a_time(tiny_checkpoint):
+    model = load_model(tiny_checkpoint)
+    pairs = [([5, 9, 2, 7, 1, 3], [4, 8, 6]), ([11, 3], [2, 2, 9])]
+    together = suffix_losses(model, pairs)
+    for pair, loss in zip(pairs, together, strict=True):
+        ids = torch.tensor([pair[0] + pair[1]])
+        expected = torch.nn.functional.cross_entropy(model(ids[:, :-1])[0, -3:], ids[0, -3:]).item()
+        assert loss == pytest.approx(expected, rel=1e-4)
 
 
 def test_the_command_reports_and_plots(tiny_checkpoint, tmp_path, capsys):

@@ -53,5 +53,6 @@ def run(args: argparse.Namespace) -> int:
         f"exact match      {report.exact_match_rate:.1%}\n"
         f"mean RougeL      {report.mean_rouge_l:.3f}\n"
         f"longest match    {report.mean_longest_match:.1f} of {report.suffix_tokens} tokens on average\n"
+        f"suffix loss      {report.mean_suffix_loss:.3f} nats/token (teacher-forced, given the prefix)\n"
         f"histogram        {plot}\n")
     return 0

@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from tetra.errors import DataError
-from tetra.infer.generate import generate_ids
+from tetra.infer.generate import generate_ids, left_pad
 from tetra.model import Transformer
 
 
@@ -49,6 +51,7 @@ class DocumentResult:
     exact_match: bool
     rouge_l: float
     longest_match: int  # leading suffix tokens reproduced exactly
+    suffix_loss: float  # mean next-token loss on the suffix given the prefix (teacher-forced): lower = more familiar
 
 
 @dataclass
@@ -61,6 +64,7 @@ class MemorizationReport:
     exact_match_rate: float
     mean_rouge_l: float
     mean_longest_match: float
+    mean_suffix_loss: float
     histogram: list[int]  # documents per longest-match length 0..suffix_tokens
     results: list[DocumentResult] = field(repr=False)
 
@@ -76,6 +80,18 @@ def split_document(ids: list[int], suffix_tokens: int, max_prefix_tokens: int) -
         return None
     prefix = ids[:-suffix_tokens]
     return prefix[-max_prefix_tokens:], ids[-suffix_tokens:]
+
+
+@torch.inference_mode()
+def suffix_losses(model: Transformer, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+    """Mean cross-entropy of each suffix given its prefix, in one left-padded forward pass."""
+    device = model.embed.weight.device
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    ids, mask = left_pad([prefix + suffix for prefix, suffix in pairs], pad_id, device)
+    logits = model(ids[:, :-1], attention_mask=None if mask is None else mask[:, :-1])
+    length = len(pairs[0][1])
+    losses = F.cross_entropy(logits[:, -length:].float().transpose(1, 2), ids[:, -length:], reduction="none")
+    return losses.mean(dim=1).tolist()
 
 
 def measure_memorization(model: Transformer, documents: list[list[int]], suffix_tokens: int = 50,
@@ -94,17 +110,20 @@ def measure_memorization(model: Transformer, documents: list[list[int]], suffix_
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         outputs = generate_ids(model, [pairs[index][0] for index in chunk], suffix_tokens)
-        for index, generated in zip(chunk, outputs, strict=True):
+        losses = suffix_losses(model, [pairs[index] for index in chunk])
+        for index, generated, loss in zip(chunk, outputs, losses, strict=True):
             prefix, suffix = pairs[index]
             longest = longest_matching_prefix(generated, suffix)
-            results[index] = DocumentResult(len(prefix), longest == suffix_tokens, rouge_l(generated, suffix), longest)
+            results[index] = DocumentResult(len(prefix), longest == suffix_tokens, rouge_l(generated, suffix), longest,
+                                            loss)
     done = [result for result in results if result is not None]
     histogram = np.bincount([r.longest_match for r in done], minlength=suffix_tokens + 1).tolist()
     return MemorizationReport(
         suffix_tokens=suffix_tokens, documents=len(done), skipped=len(documents) - len(done),
         exact_match_rate=float(np.mean([r.exact_match for r in done])),
         mean_rouge_l=float(np.mean([r.rouge_l for r in done])),
-        mean_longest_match=float(np.mean([r.longest_match for r in done])), histogram=histogram, results=done)
+        mean_longest_match=float(np.mean([r.longest_match for r in done])),
+        mean_suffix_loss=float(np.mean([r.suffix_loss for r in done])), histogram=histogram, results=done)
 
 
 def plot_histogram(reports: dict[str, MemorizationReport], out: Path) -> Path:
