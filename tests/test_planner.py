@@ -35,7 +35,8 @@ def test_every_grid_is_valid_and_each_dimension_only_costs_when_used():
 
 
 def test_groups_that_leave_the_node_use_the_slower_links():
-    machine = MachineProfile.load("perlmutter")  # 4 devices per node
+    # Without the fixed per-call cost, a group's time is its bytes over its links' bandwidth.
+    machine = dataclasses.replace(MachineProfile.load("perlmutter"), collective_latency=0.0)  # 4 devices per node
     assert group_bandwidth(machine, GridShape(row=2, col=4), "col") == machine.intra_node_bandwidth
     assert group_bandwidth(machine, GridShape(row=2, col=4), "row") == machine.inter_node_bandwidth
     shape = GridShape(row=2, col=4)
@@ -57,6 +58,21 @@ def test_memory_shrinks_with_sharding_and_is_checked_against_the_device():
     ranked = plan(LLAMA_8B, 8, 64, 2048, machine)
     assert ranked[0].fits and all(a.step_time <= b.step_time for a, b in zip(ranked, ranked[1:], strict=False)
                                   if a.fits == b.fits)
+
+
+def test_every_collective_call_pays_the_latency():
+    machine = MachineProfile.load("dgx-h100")
+    free = dataclasses.replace(machine, collective_latency=0.0)
+    shape, layers = GridShape(row=2, col=2, data=2), LLAMA_8B.n_layers
+    slow, fast = predict(LLAMA_8B, shape, 64, 2048, machine, overlap=False), \
+        predict(LLAMA_8B, shape, 64, 2048, free, overlap=False)
+    micro_steps = 64 // 2
+    # col, per layer: the output sums of q, k, v, gate and up (normal layers), the input-gradient sums of o and
+    # down (transposed), the two norms' statistics forward and backward; then the head's output sum and the final
+    # norm.
+    col_calls = micro_steps * ((5 + 2 + 4) * layers + 1 + 2)
+    assert slow.collectives["col"] - fast.collectives["col"] == pytest.approx(col_calls * machine.collective_latency)
+    assert slow.collectives["depth"] == fast.collectives["depth"] == 0  # no depth group, no calls
 
 
 def test_overlap_hides_only_the_background_collectives_up_to_their_compute_window():

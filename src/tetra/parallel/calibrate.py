@@ -59,6 +59,11 @@ def _collective_worker(rank: int, world: int, port: int, backend: str, out: str)
                              "all_reduce_bus_bandwidth": 2 * (size - 1) / size * message / reduce_s,
                              "all_gather_bus_bandwidth": (size - 1) * message / gather_s})
             dist.barrier()
+        tiny = torch.ones(1, device=device)
+        if rank < size:  # latency: the time of an all-reduce too small to be limited by bandwidth
+            latency = _timed(lambda t=tiny, g=group: dist.all_reduce(t, group=g), group, repeats=50)
+            rows.append({"group": size, "bytes": 4, "latency_s": latency})
+        dist.barrier()
         size *= 2
     if rank == 0:
         with open(out, "w") as handle:
@@ -78,12 +83,13 @@ def calibrate(processes: int, device: torch.device, name: str = "local") -> dict
     collectives = measure_collectives(processes, "nccl" if device.type == "cuda" else "gloo") if processes > 1 else []
     best_gemm = max(row["flops"] for row in gemms if row["dtype"] == "bfloat16")
     largest = [row for row in collectives if row["group"] == max((r["group"] for r in collectives), default=0)]
-    bandwidth = max((row["all_reduce_bus_bandwidth"] for row in largest), default=0.0)
+    bandwidth = max((row["all_reduce_bus_bandwidth"] for row in largest if "latency_s" not in row), default=0.0)
+    latency = min((row["latency_s"] for row in largest if "latency_s" in row), default=20e-6)
     if device.type == "cuda":
         memory_gb = torch.cuda.get_device_properties(device).total_memory / 1e9
     else:
         memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9 / max(processes, 1)
     profile = {"name": name, "devices_per_node": processes, "memory_gb": round(memory_gb, 1),
                "peak_flops": best_gemm, "gemm_flops": best_gemm, "intra_node_bandwidth": bandwidth,
-               "inter_node_bandwidth": bandwidth}
+               "inter_node_bandwidth": bandwidth, "collective_latency": latency}
     return {"profile": profile, "gemm": gemms, "collectives": collectives}

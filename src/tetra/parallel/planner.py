@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 from tetra.errors import ConfigError
 from tetra.model.config import ModelConfig
 from tetra.parallel.grid import GridShape, check_grid
+from tetra.parallel.overlap import BUCKET_BYTES
 
 MACHINES = Path(__file__).with_name("machines")
 # Bytes per value: activations and weights move in bf16; gradients are reduced in fp32 (master precision).
@@ -33,6 +35,10 @@ class MachineProfile:
     gemm_flops: float  # sustained matrix-multiply FLOP/s of one device
     intra_node_bandwidth: float  # bytes/s per device per direction inside a node
     inter_node_bandwidth: float  # bytes/s per device per direction across nodes
+    # Seconds a collective costs even when tiny (launch and synchronization: the alpha of the alpha-beta model).
+    # Shipped GPU profiles keep this default (NCCL small-message all-reduce inside a node is ~10-30 us);
+    # `tetra calibrate` measures it.
+    collective_latency: float = 20e-6
 
     @classmethod
     def load(cls, name_or_path: str) -> MachineProfile:
@@ -47,10 +53,12 @@ class MachineProfile:
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{path} is not valid TOML: {error}.") from None
         known = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(known - set(values))
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        missing = sorted(required - set(values))
         if missing:
             raise ConfigError(f"{path} is not a machine profile: it lacks {', '.join(missing)}.")
-        return cls(**{key: values[key] for key in known})  # other tables (raw measurements) are kept for people
+        # Other tables (raw measurements) are kept in the file for people.
+        return cls(**{key: values[key] for key in known if key in values})
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,7 @@ class Gemm:
     out_features: int
     transposed: bool
     per_model: int = 1  # how many such matrices the model has
+    calls: int = 1  # separate Linear layers it stands for (q, k and v are three), each with its own collectives
 
 
 def model_gemms(config: ModelConfig) -> list[Gemm]:
@@ -69,8 +78,9 @@ def model_gemms(config: ModelConfig) -> list[Gemm]:
     kv = config.kv_heads * config.resolved_head_dim
     mlp_out = config.mlp_width * (2 if config.gated_mlp else 1)
     layers = config.n_layers
-    return [Gemm("qkv", hidden, heads + 2 * kv, False, layers), Gemm("o", heads, hidden, True, layers),
-            Gemm("mlp_up", hidden, mlp_out, False, layers), Gemm("mlp_down", config.mlp_width, hidden, True, layers),
+    return [Gemm("qkv", hidden, heads + 2 * kv, False, layers, 3), Gemm("o", heads, hidden, True, layers),
+            Gemm("mlp_up", hidden, mlp_out, False, layers, 2 if config.gated_mlp else 1),
+            Gemm("mlp_down", config.mlp_width, hidden, True, layers),
             Gemm("head", hidden, config.vocab_size, False, 1)]
 
 
@@ -118,6 +128,12 @@ class Prediction:
         return self.compute + sum(self.exposed(name) for name in self.collectives)
 
 
+def _add_calls(prediction: Prediction, dimension: str, calls: float, machine: MachineProfile) -> None:
+    """The fixed cost of `calls` collectives on a group (none when the group is a single rank)."""
+    if getattr(prediction.shape, dimension) > 1:
+        prediction.collectives[dimension] += calls * machine.collective_latency
+
+
 def _add_gemm(prediction: Prediction, gemm: Gemm, tokens: float, micro_steps: int, machine: MachineProfile,
               value_bytes: int) -> None:
     shape = prediction.shape
@@ -133,15 +149,18 @@ def _add_gemm(prediction: Prediction, gemm: Gemm, tokens: float, micro_steps: in
     # gradients over the out-feature group, which overlap the weight-gradient GEMM (a third of the GEMM time).
     prediction.collectives[in_dim] += n * _ring_all_reduce(in_split) * local_tokens * gemm.out_features / out_split \
         * value_bytes / bandwidth[in_dim]
+    _add_calls(prediction, in_dim, n * gemm.calls * micro_steps, machine)
     input_gradient = n * _ring_all_reduce(out_split) * local_tokens * gemm.in_features / in_split * value_bytes \
         / bandwidth[out_dim]
     prediction.collectives[out_dim] += input_gradient
+    _add_calls(prediction, out_dim, n * gemm.calls * micro_steps, machine)
     prediction.overlappable[out_dim] += input_gradient
     prediction.windows[out_dim] += gemm_seconds / 3
     # The fp32 weight block is gathered over depth once per micro-batch (kept for backward) and its gradient
     # reduce-scattered: prefetched one layer ahead and finished in the background, behind this layer's GEMMs.
     depth = n * micro_steps * _ring_gather(shape.depth) * block * (MASTER_BYTES + GRADIENT_BYTES) / bandwidth["depth"]
     prediction.collectives["depth"] += depth
+    _add_calls(prediction, "depth", 2 * n * gemm.calls * micro_steps, machine)
     prediction.overlappable["depth"] += depth
     prediction.windows["depth"] += gemm_seconds
     # The data all-reduce happens once per optimizer step, in buckets during the last backward (two thirds of the
@@ -163,6 +182,17 @@ def predict(config: ModelConfig, shape: GridShape, global_batch: int, seq_len: i
     micro_steps = max(global_batch // (shape.data * shape.depth * micro_batch), 1)
     for gemm in model_gemms(config):
         _add_gemm(prediction, gemm, tokens, micro_steps, machine, value_bytes)
+    # Calls outside the Linear layers: two norms per layer (statistics summed over columns, forward and backward),
+    # the vocabulary-parallel embedding and loss (four sums over rows), data buckets once per step.
+    _add_calls(prediction, "col", micro_steps * (4 * config.n_layers + 2), machine)
+    _add_calls(prediction, "row", micro_steps * 4, machine)
+    gradient_bytes = GRADIENT_BYTES * config.num_parameters() / (shape.row * shape.col * shape.depth)
+    _add_calls(prediction, "data", max(1, math.ceil(gradient_bytes / BUCKET_BYTES)), machine)
+    if not config.tie_embeddings:  # the embedding table is depth-sharded too (a tied one is the head's weight)
+        table = config.vocab_size * config.hidden_size / (shape.row * shape.col)
+        prediction.collectives["depth"] += micro_steps * _ring_gather(shape.depth) * table \
+            * (MASTER_BYTES + GRADIENT_BYTES) / group_bandwidth(machine, shape, "depth")
+        _add_calls(prediction, "depth", 2 * micro_steps, machine)
     local_tokens = tokens / (shape.data * shape.depth)
     attention_width = config.n_heads * config.resolved_head_dim / shape.row
     prediction.compute += config.n_layers * 3 * 4 * local_tokens * seq_len * attention_width / machine.gemm_flops
