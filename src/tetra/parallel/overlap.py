@@ -32,10 +32,11 @@ class _Bucket:
         self.ready: set[int] = set()
         self.missing: set[int] = set()
         self.pending: Pending | None = None
+        self.copied_back = False
 
     def reset(self) -> None:
         self.ready.clear()
-        self.pending = None
+        self.pending, self.copied_back = None, False
 
     @property
     def complete(self) -> bool:
@@ -47,6 +48,10 @@ class _Bucket:
         self.pending = start_all_reduce(torch.cat([grad.reshape(-1) for grad in grads]), self.group, blocking)
 
     def finish(self) -> None:
+        """Wait for the sum and write it into the gradients (once, however often it is called)."""
+        if self.copied_back:
+            return
+        self.copied_back = True
         summed, offset = self.pending.wait(), 0
         for parameter in self.parameters:
             piece = summed[offset:offset + parameter.numel()].view_as(parameter)
@@ -114,9 +119,11 @@ class CommSchedule:
         """Buckets in reverse registration order (roughly the order backward finishes gradients), one group each."""
         self._buckets, self._bucket_of = [], {}
         open_buckets: dict[int, list[nn.Parameter]] = {}
+        open_bytes: dict[int, int] = {}
         groups: dict[int, Group] = {}
 
         def close(key: int) -> None:
+            open_bytes.pop(key, None)
             bucket = _Bucket(open_buckets.pop(key), groups[key])
             self._buckets.append(bucket)
             for parameter in bucket.parameters:
@@ -129,7 +136,8 @@ class CommSchedule:
             key = id(group)
             groups[key] = group
             open_buckets.setdefault(key, []).append(parameter)
-            if sum(p.numel() * p.element_size() for p in open_buckets[key]) >= self.bucket_bytes:
+            open_bytes[key] = open_bytes.get(key, 0) + parameter.numel() * parameter.element_size()
+            if open_bytes[key] >= self.bucket_bytes:
                 close(key)
             if id(parameter) not in self._deferred_parameters and not getattr(parameter, "_tetra_hooked", False):
                 parameter.register_post_accumulate_grad_hook(self.gradient_final)
