@@ -12,6 +12,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from hf_factory import build_hf_model  # noqa: E402
 
 
+def pytest_configure(config) -> None:
+    """Runs time GEMM layouts and cache them (gemm_layout.py): the tests, and the processes they start, use a
+    cache of their own rather than the user's."""
+    import os
+    import tempfile
+
+    os.environ["TETRA_CACHE_DIR"] = tempfile.mkdtemp(prefix="tetra-test-cache-")
+
+
 @pytest.fixture
 def hf_folder(tmp_path: Path):
     """Factory: save a tiny HF model of a variant to a folder; returns (model, folder)."""

@@ -1,6 +1,8 @@
-"""Worker for the overlap tests: train a few steps on a grid with overlapped and with blocking collectives.
+"""Worker for the overlap tests: train a few steps on a grid with overlapped collectives (depth blocks gathered again
+in backward, or kept from forward) and with blocking ones.
 
-Entry point: train_both_ways(rank, world, port, cases, out_path), started by torch.multiprocessing.spawn.
+Entry points: train_both_ways(rank, world, port, cases, out_path) and saved_bytes_both_ways(...), started by
+torch.multiprocessing.spawn.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch.distributed as dist
 from parallel_worker import MODELS, _max_error, _reference_and_parallel
 from tetra.config import GoldfishConfig
 from tetra.parallel.grid import GridShape, ProcessGrid
-from tetra.parallel.parallelize import full_state_dict, parallelize
+from tetra.parallel.parallelize import full_state_dict, linear_block_shapes, parallelize
+from tetra.parallel.tensor_parallel import TensorParallelLinear
 from tetra.parallel.zero import ZeroOptimizer
 from tetra.train.replica import Replica
 
@@ -41,21 +44,25 @@ def _train(model: torch.nn.Module, grid: ProcessGrid | None, zero1: bool, tokens
     return losses
 
 
-def _case(model_name: str, shape: GridShape, zero1: bool) -> dict:
+def _case(model_name: str, shape: GridShape, zero1: bool, gemm_layout: str) -> dict:
     grid = ProcessGrid.build(shape)
     reference, _ = _reference_and_parallel(model_name, grid)
+    layouts = dict.fromkeys(linear_block_shapes(reference, grid), gemm_layout)
     vocab = MODELS[model_name]["vocab_size"]
     tokens = torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
-    results = {}
-    for overlap in (True, False):
-        model = parallelize(copy.deepcopy(reference), grid, overlap=overlap)
+    results = []
+    # Overlapped with depth blocks gathered again in backward (the default), overlapped keeping them, and blocking.
+    for overlap, regather in ((True, True), (True, False), (False, True)):
+        model = parallelize(copy.deepcopy(reference), grid, overlap=overlap, gemm_layouts=layouts, regather=regather)
         model.comm_schedule.bucket_bytes = 2048  # several buckets per group, even for this small model
         losses = _train(model, grid, zero1, tokens)
-        results[overlap] = (losses, full_state_dict(model, grid))
+        results.append((losses, full_state_dict(model, grid)))
     single_losses = _train(reference, None, False, tokens)
-    (on_losses, on_state), (off_losses, off_state) = results[True], results[False]
-    return {"model": model_name, "grid": shape.__dict__, "zero1": zero1,
-            "identical": on_losses == off_losses and all(torch.equal(on_state[n], off_state[n]) for n in on_state),
+    (on_losses, on_state) = results[0]
+    identical = all(losses == on_losses and all(torch.equal(on_state[n], state[n]) for n in on_state)
+                    for losses, state in results[1:])
+    return {"model": model_name, "grid": shape.__dict__, "zero1": zero1, "gemm_layout": gemm_layout,
+            "identical": identical,
             "loss_error": max(abs(a - b) / abs(b) for a, b in zip(on_losses, single_losses, strict=True)),
             "param_error": _max_error(on_state, {n: p.detach() for n, p in reference.named_parameters()})}
 
@@ -65,9 +72,43 @@ def train_both_ways(rank: int, world: int, port: int, cases: list, out_path: str
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        results = [_case(model_name, GridShape(**shape), zero1) for model_name, shape, zero1 in cases]
+        results = [_case(model_name, GridShape(**shape), zero1, layout) for model_name, shape, zero1, layout in cases]
         if rank == 0:
             with open(out_path, "w") as handle:
                 json.dump(results, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+def saved_bytes_both_ways(rank: int, world: int, port: int, model_name: str, out_path: str) -> None:
+    """Bytes autograd keeps for backward after one forward on a depth grid (world ranks), with blocks gathered
+    again in backward and kept; and the bytes of every depth-sharded Linear's whole block."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        grid = ProcessGrid.build(GridShape(depth=world))
+        reference, _ = _reference_and_parallel(model_name, grid)
+        tokens = torch.randint(0, MODELS[model_name]["vocab_size"], (2, SEQ + 1),
+                               generator=torch.Generator().manual_seed(1))
+        result = {}
+        for regather in (True, False):
+            model = parallelize(copy.deepcopy(reference), grid, regather=regather)
+            saved = []
+
+            def pack(tensor: torch.Tensor) -> torch.Tensor:
+                saved.append(tensor.numel() * tensor.element_size())
+                return tensor
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                loss = Replica(grid).token_losses(model, tokens).sum()
+            loss.backward()
+            model.comm_schedule.finish()
+            result["regather" if regather else "keep"] = sum(saved)
+            result["blocks"] = sum(m.stored_shape[0] * m.stored_shape[1] * 4 for m in model.modules()
+                                   if isinstance(m, TensorParallelLinear))
+        if rank == 0:
+            with open(out_path, "w") as handle:
+                json.dump(result, handle)
     finally:
         dist.destroy_process_group()

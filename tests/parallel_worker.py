@@ -15,10 +15,12 @@ import torch.distributed as dist
 from tetra.config import GoldfishConfig
 from tetra.model import ModelConfig, Transformer
 from tetra.parallel.collectives import all_reduce
+from tetra.parallel.gemm_layout import OUT_IN
 from tetra.parallel.grid import GridShape, ProcessGrid
 from tetra.parallel.parallelize import (
     clip_global_grad_norm,
     full_state_dict,
+    linear_block_shapes,
     parallel_next_token_loss,
     parallelize,
     sync_gradients,
@@ -49,7 +51,7 @@ def _max_error(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor
     return max(float((actual[n] - t).abs().max()) / max(float(t.abs().max()), floor) for n, t in expected.items())
 
 
-def _reference_and_parallel(model_name: str, grid: ProcessGrid):
+def _reference_and_parallel(model_name: str, grid: ProcessGrid, gemm_layout: str = OUT_IN):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**MODELS[model_name]))
     model.init_weights(std=0.2)
@@ -57,15 +59,18 @@ def _reference_and_parallel(model_name: str, grid: ProcessGrid):
         for parameter in model.parameters():
             if parameter.dim() == 1:
                 parameter.add_(torch.randn_like(parameter) * 0.1)
-    return model, parallelize(copy.deepcopy(model), grid)
+    layouts = dict.fromkeys(linear_block_shapes(model, grid), gemm_layout)  # every weight stored this way
+    return model, parallelize(copy.deepcopy(model), grid, gemm_layouts=layouts)
 
 
-def _check(model_name: str, shape: GridShape, zero1: bool = False, goldfish_k: int = 0) -> dict:
+def _check(model_name: str, shape: GridShape, zero1: bool = False, goldfish_k: int = 0,
+           gemm_layout: str = OUT_IN) -> dict:
     """zero1: optimizer state sharded over data; gradients then live in slices, so the loss, the global norm and
     the parameters after every step are what is compared. goldfish_k: both sides train through Replica.accumulate
-    (the trainer's step) with the goldfish loss, two micro-batches per step."""
+    (the trainer's step) with the goldfish loss, two micro-batches per step. gemm_layout: how the grid's Linear
+    blocks are stored (in_out: transposed, so every GEMM and the depth shards run the other way round)."""
     grid = ProcessGrid.build(shape)
-    reference, parallel = _reference_and_parallel(model_name, grid)
+    reference, parallel = _reference_and_parallel(model_name, grid, gemm_layout)
     vocab = MODELS[model_name]["vocab_size"]
     tokens = torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
     local = tokens.chunk(grid.size("batch"))[grid.index("batch")]
@@ -78,8 +83,8 @@ def _check(model_name: str, shape: GridShape, zero1: bool = False, goldfish_k: i
 
     par_optimizer = ZeroOptimizer([{"params": list(parallel.parameters())}], grid, adamw) if zero1 else \
         adamw(parallel.parameters())
-    result = {"model": model_name, "grid": shape.__dict__, "zero1": zero1, "goldfish_k": goldfish_k, "grad_error": 0.0,
-              "grad_names_match": True}
+    result = {"model": model_name, "grid": shape.__dict__, "zero1": zero1, "goldfish_k": goldfish_k,
+              "gemm_layout": gemm_layout, "grad_error": 0.0, "grad_names_match": True}
     for step in range(STEPS):
         if goldfish_k:
             goldfish = GoldfishConfig(k=goldfish_k, context=3)

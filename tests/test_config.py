@@ -25,12 +25,13 @@ def test_toml_and_overrides_are_typed(tmp_path):
 def test_every_problem_is_reported_at_once_with_hints():
     with pytest.raises(ConfigError) as error:
         build_run_config({"train": {"lrr": 1, "max_steps": 0, "schedule": "cos", "batch_size": "8"},
-                          "model": {"hiden_size": 3}})
+                          "model": {"hiden_size": 3}, "parallel": {"gemm_layout": "sideways"}})
     message = str(error.value)
     for expected in ("unknown key train.lrr (did you mean train.lr?)",
                      "unknown key model.hiden_size (did you mean model.hidden_size?)",
                      "train.max_steps must be at least 1", "train.schedule = 'cos'; choose one of",
-                     "train.batch_size = '8' has the wrong type", "data.path is empty"):
+                     "train.batch_size = '8' has the wrong type", "data.path is empty",
+                     "parallel.gemm_layout = 'sideways'; choose one of auto, out_in, in_out"):
         assert expected in message
 
 

@@ -1,21 +1,28 @@
-"""Overlapped collectives give bit-identical training to blocking ones, and both match one process (gloo, fp32).
+"""Overlapped collectives give bit-identical training to blocking ones, whether depth-sharded weight blocks are
+gathered again in backward (the default) or kept from forward, and all match one process (gloo, fp32).
 
 The overlapped run prefetches depth all-gathers, reduce-scatters weight gradients in the background, overlaps the
 input-gradient all-reduce with the weight-gradient GEMM, and sums data-parallel gradients in buckets during the last
-backward of each step (small buckets here, so each group has several, started in order)."""
+backward of each step (small buckets here, so each group has several, started in order). Two cases store the
+weights [in, out], the other GEMM layout."""
 
 from __future__ import annotations
 
-from overlap_worker import train_both_ways
+from overlap_worker import saved_bytes_both_ways, train_both_ways
 from tetra.parallel.launch import spawn_collect
 
 
 def test_overlap_is_bit_identical_to_blocking_collectives_on_four_ranks():
-    cases = [("llama", dict(data=2, depth=2), False), ("gpt2", dict(data=2, row=2), False),
-             ("llama", dict(depth=2, col=2), False), ("gpt2", dict(depth=2, row=2), False),
-             ("llama", dict(data=2, depth=2), True)]
+    cases = [("llama", dict(data=2, depth=2), False, "out_in"), ("gpt2", dict(data=2, row=2), False, "out_in"),
+             ("llama", dict(depth=2, col=2), False, "out_in"), ("gpt2", dict(depth=2, row=2), False, "in_out"),
+             ("llama", dict(data=2, depth=2), True, "out_in"), ("llama", dict(data=2, depth=2), False, "in_out")]
     for result in spawn_collect(train_both_ways, 4, cases):
-        label = f"{result['model']} {result['grid']} zero1={result['zero1']}"
+        label = f"{result['model']} {result['grid']} zero1={result['zero1']} layout={result['gemm_layout']}"
         assert result["identical"], label
         assert result["loss_error"] <= 1e-5, f"{label}: loss error {result['loss_error']:.2e}"
         assert result["param_error"] <= 1e-5, f"{label}: parameter error {result['param_error']:.2e}"
+
+
+def test_gathering_again_in_backward_keeps_no_weight_block_between_the_passes():
+    saved = spawn_collect(saved_bytes_both_ways, 2, "llama")
+    assert saved["keep"] - saved["regather"] == saved["blocks"], saved

@@ -2,7 +2,8 @@
 
 Each test spawns one set of processes and checks several grids with a Llama-style model (GQA, no bias) and a
 GPT-2-style one (biases in both layer layouts, LayerNorm, learned positions, tied head), odd sizes (padded depth
-shards), ZeRO-1 (optimizer state sharded over data), and the goldfish loss.
+shards), ZeRO-1 (optimizer state sharded over data), the goldfish loss, and weights stored [in, out] (the other GEMM
+layout).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ def _run(world: int, grids: list[dict], extra_cases: tuple = ()) -> list[dict]:
 
 def _assert_equal(results: list[dict]) -> None:
     for result in results:
-        label = f"{result['model']} {result['grid']} zero1={result['zero1']} goldfish={result['goldfish_k']}"
+        label = (f"{result['model']} {result['grid']} zero1={result['zero1']} goldfish={result['goldfish_k']} "
+                 f"layout={result['gemm_layout']}")
         assert result["grad_names_match"], label
         for key in ("loss_error", "grad_error", "norm_error", "param_error"):
             assert result[key] <= TOLERANCE, f"{label}: {key} = {result[key]:.2e}"
@@ -28,7 +30,8 @@ def _assert_equal(results: list[dict]) -> None:
 
 def test_two_rank_grids():
     grids = [dict(data=2), dict(depth=2), dict(row=2), dict(col=2)]
-    extra = [("odd", dict(depth=2)), ("gpt2", dict(data=2), True), ("odd", dict(data=2), True)]
+    extra = [("odd", dict(depth=2)), ("gpt2", dict(data=2), True), ("odd", dict(data=2), True),
+             ("odd", dict(depth=2), False, 0, "in_out"), ("gpt2", dict(row=2), False, 0, "in_out")]
     _assert_equal(_run(2, grids, extra_cases=extra))
 
 
@@ -37,7 +40,9 @@ def test_four_rank_grids():
     # The goldfish loss through the trainer's step: vocabulary-parallel per-token losses, masks on every rank's own
     # samples, normalization by the global kept-token count, two micro-batches.
     goldfish = [("llama", dict(data=2, row=2), False, 4), ("gpt2", dict(depth=2, col=2), False, 3)]
-    _assert_equal(_run(4, grids, extra_cases=goldfish))
+    transposed = [("llama", dict(depth=2, col=2), False, 0, "in_out"), ("gpt2", dict(depth=2, row=2), False, 0, "in_out"),
+                  ("llama", dict(data=2, depth=2), True, 0, "in_out")]
+    _assert_equal(_run(4, grids, extra_cases=goldfish + transposed))
 
 
 def test_eight_rank_grids():

@@ -34,13 +34,14 @@ def _losses(run_dir: Path) -> dict[int, float]:
 def test_two_processes_match_one_and_checkpoints_move_between_grids(prepared_data, tmp_path):
     single = trainer.train(*run_config(prepared_data, tmp_path / "single", **OVERRIDES), show_progress=False)
     (tmp_path / "grid.toml").write_text(dump_toml(run_values(prepared_data, tmp_path / "grid", **OVERRIDES)))
-    _torchrun(tmp_path / "grid.toml", "parallel.row=2")
+    _torchrun(tmp_path / "grid.toml", "parallel.row=2", "parallel.gemm_layout=in_out")
     expected, actual = _losses(single.run_dir), _losses(tmp_path / "grid")
     assert sorted(actual) == [1, 2, 3, 4]
     for step, loss in expected.items():
         assert actual[step] == pytest.approx(loss, rel=1e-5), step
 
-    # The row=2 checkpoint is sharded; step 2 resumes on a column grid and on one process, continuing the run.
+    # The row=2 checkpoint is sharded (from weights stored [in, out]); step 2 resumes on a column grid (layouts
+    # timed by rank 0 and shared) and on one process, continuing the run.
     written = tmp_path / "grid" / "checkpoints" / "step-0000002"
     assert (written / "shards" / ".metadata").is_file() and not (written / "model.safetensors").exists()
     for name in ("col", "one"):

@@ -102,6 +102,7 @@ class ParallelConfig:
     col: int = 0  # splits the hidden size (innermost: the fastest links)
     strategy: str = "4d"  # 4d (this grid) | ddp | fsdp2: torch's DistributedDataParallel / fully_shard, as baselines
     overlap: bool = True  # run collectives in the background of computation (off: blocking, bit-identical results)
+    gemm_layout: str = "auto"  # auto (time each weight shape once per device, cached) | out_in | in_out
     zero1: bool = False  # also shard optimizer state over data (ZeRO-1): less memory, one more all-gather per step
     auto: bool = False  # let the performance model pick the grid (needs parallel.machine); overrides data/depth/row/col
     machine: str = ""  # machine profile for auto: a shipped name (perlmutter, ...) or a file from `tetra calibrate`
@@ -238,6 +239,7 @@ def validate_run_config(config: RunConfig, explicit_model: dict[str, Any]) -> li
     problems += [f"parallel.{name} must be >= 0 (got {value})" for name, value in vars(config.parallel).items()
                  if isinstance(value, int) and not isinstance(value, bool) and value < 0]
     _choice(problems, "parallel.strategy", config.parallel.strategy, ("4d", "ddp", "fsdp2"))
+    _choice(problems, "parallel.gemm_layout", config.parallel.gemm_layout, ("auto", "out_in", "in_out"))
     if config.parallel.strategy != "4d":
         tensor_sizes = [f"parallel.{name} = {getattr(config.parallel, name)}" for name in ("depth", "row", "col")
                         if getattr(config.parallel, name) > 1]

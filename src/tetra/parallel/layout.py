@@ -17,12 +17,14 @@ from tetra.parallel.grid import ProcessGrid
 @dataclass(frozen=True)
 class Layout:
     """A full tensor split along `row_dim` over the row group and `col_dim` over the column group (None: not split
-    that way); with `depth`, the resulting block is flattened and split evenly (zero-padded) over the depth group."""
+    that way); a `transposed` 2-D block is stored the other way round (a weight kept [in, out] for its faster
+    GEMMs); with `depth`, the stored block is flattened and split evenly (zero-padded) over the depth group."""
 
     full_shape: tuple[int, ...]
     row_dim: int | None = None
     col_dim: int | None = None
     depth: bool = False
+    transposed: bool = False
 
     def block_shape(self, grid: ProcessGrid) -> tuple[int, ...]:
         shape = list(self.full_shape)
@@ -31,6 +33,11 @@ class Layout:
         if self.col_dim is not None:
             shape[self.col_dim] //= grid.size("col")
         return tuple(shape)
+
+    def stored_block_shape(self, grid: ProcessGrid) -> tuple[int, ...]:
+        """The block's shape as this rank stores it (before any depth split)."""
+        shape = self.block_shape(grid)
+        return shape[::-1] if self.transposed else shape
 
     def copies(self, grid: ProcessGrid) -> int:
         """How many ranks of one model replica (depth x row x col) hold the same values: for global norms."""
@@ -47,6 +54,8 @@ def shard(full: torch.Tensor, layout: Layout, grid: ProcessGrid) -> torch.Tensor
         piece = piece.chunk(grid.size("row"), dim=layout.row_dim)[grid.index("row")]
     if layout.col_dim is not None:
         piece = piece.chunk(grid.size("col"), dim=layout.col_dim)[grid.index("col")]
+    if layout.transposed:
+        piece = piece.t()
     if layout.depth:
         flat = piece.reshape(-1)
         depth = grid.size("depth")
@@ -56,14 +65,15 @@ def shard(full: torch.Tensor, layout: Layout, grid: ProcessGrid) -> torch.Tensor
 
 
 def gather_block(local: torch.Tensor, layout: Layout, grid: ProcessGrid) -> torch.Tensor:
-    """Undo the depth split: the rank's [row, col] block."""
-    if not layout.depth:
-        return local
-    block_shape = layout.block_shape(grid)
-    numel = 1
-    for size in block_shape:
-        numel *= size
-    return all_gather_flat(local, grid.groups["depth"])[:numel].view(block_shape)
+    """Undo the depth split and the storage transpose: the rank's [row, col] block, in the full tensor's order."""
+    block = local
+    if layout.depth:
+        stored = layout.stored_block_shape(grid)
+        numel = 1
+        for size in stored:
+            numel *= size
+        block = all_gather_flat(local, grid.groups["depth"])[:numel].view(stored)
+    return block.t().contiguous() if layout.transposed else block
 
 
 def _gather_dim(block: torch.Tensor, dim: int, group: dist.ProcessGroup | None) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Communication overlapped with computation in a tensor-parallel training step (the AxoNN schedule):
 the input-gradient all-reduce runs while the weight-gradient GEMM computes, the depth reduce-scatter of a weight
-gradient runs in the background, the next layer's depth all-gather is prefetched while this layer computes, and
-data-parallel gradient sums start in buckets as soon as their gradients are final, during the backward pass.
+gradient runs in the background, the next layer's depth all-gather is prefetched while this layer computes (in
+forward, and in backward when gathered blocks are not kept: regather), and data-parallel gradient sums start in
+buckets as soon as their gradients are final, during the backward pass.
 
 With overlap off, every collective is started and waited at once, in the same order on the same buffers, so the
 results are bit-identical; only the waiting moves. Every wait is explicit (Pending.wait): nothing relies on a
@@ -63,10 +64,14 @@ class _Bucket:
 class CommSchedule:
     """The pending collectives of one model on one rank, and whether they overlap computation (overlap=True)."""
 
-    def __init__(self, overlap: bool = True, bucket_bytes: int = BUCKET_BYTES) -> None:
-        self.overlap, self.bucket_bytes = overlap, bucket_bytes
+    def __init__(self, overlap: bool = True, bucket_bytes: int = BUCKET_BYTES, regather: bool = True) -> None:
+        # regather: a depth-sharded layer gathers its weight block again in backward instead of keeping the forward's
+        # (FSDP's reshard-after-forward): one more all-gather per layer, no whole block held between the passes.
+        self.overlap, self.bucket_bytes, self.regather = overlap, bucket_bytes, regather
         self._next_layer: dict[int, nn.Module] = {}  # depth-sharded layer -> the one forward runs after it
-        self._prefetched: dict[int, tuple[int, Pending]] = {}  # id(layer) -> (weight version, gather)
+        self._previous_layer: dict[int, nn.Module] = {}  # ... -> the one backward runs after it
+        self._prefetched: dict[int, tuple[int, Pending]] = {}  # id(layer) -> (weight version, gather) for forward
+        self._prefetched_backward: dict[int, tuple[int, Pending]] = {}  # the same, for backward
         self._deferred: deque[tuple[Pending, Callable[[torch.Tensor], None]]] = deque()
         self._buckets: list[_Bucket] = []
         self._bucket_of: dict[int, _Bucket] = {}
@@ -81,25 +86,28 @@ class CommSchedule:
     def set_forward_order(self, layers: list[nn.Module]) -> None:
         """The depth-sharded layers in the order forward uses them: each prefetches the next one's weights."""
         self._next_layer = {id(layer): following for layer, following in zip(layers, layers[1:], strict=False)}
+        self._previous_layer = {id(following): layer for layer, following in zip(layers, layers[1:], strict=False)}
 
     @property
     def blocking(self) -> bool:
         return not self.overlap
 
-    # Forward: depth all-gathers, one layer ahead.
-    def gathered_weight(self, layer: nn.Module, shard: torch.Tensor, group: Group) -> torch.Tensor:
-        """The layer's full flat weight block; with overlap, the next layer's gather starts before returning."""
-        prefetched = self._prefetched.pop(id(layer), None)
+    # Depth all-gathers, one layer ahead: in forward order, and in backward order when blocks are gathered again.
+    def gathered_weight(self, layer: nn.Module, shard: torch.Tensor, group: Group, backward: bool = False) -> torch.Tensor:
+        """The layer's full flat weight block; with overlap, the gather of the layer that runs next (in this pass's
+        order) starts before returning."""
+        prefetches = self._prefetched_backward if backward else self._prefetched
+        prefetched = prefetches.pop(id(layer), None)
         if prefetched is not None and prefetched[0] == shard._version:
             gathered = prefetched[1].wait()
         else:
             if prefetched is not None:  # the weights changed since (an optimizer step): gather again
                 prefetched[1].wait()
             gathered = start_all_gather_flat(shard, group, blocking=True).wait()
-        following = self._next_layer.get(id(layer)) if self.overlap else None
-        if following is not None and id(following) not in self._prefetched:
-            self._prefetched[id(following)] = (following.weight._version,
-                                               start_all_gather_flat(following.weight, group))
+        order = self._previous_layer if backward else self._next_layer
+        following = order.get(id(layer)) if self.overlap else None
+        if following is not None and id(following) not in prefetches:
+            prefetches[id(following)] = (following.weight._version, start_all_gather_flat(following.weight, group))
         return gathered
 
     # Backward: gradient reduce-scatters finish in the background, in the order they started.
@@ -183,9 +191,10 @@ class CommSchedule:
     def finish(self) -> set[int]:
         """Wait for everything still running; returns the ids of parameters whose data-parallel sum is done."""
         self.flush()
-        for _, pending in self._prefetched.values():
-            pending.wait()
-        self._prefetched.clear()
+        for prefetches in (self._prefetched, self._prefetched_backward):
+            for _, pending in prefetches.values():
+                pending.wait()
+            prefetches.clear()
         if not self._armed:
             return set()
         for bucket in self._buckets:

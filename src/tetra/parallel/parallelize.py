@@ -1,19 +1,21 @@
 """parallelize(model, grid): swap a Transformer's layers for tensor-parallel ones in place (the model file is not
 edited), then the helpers a training step needs: gradient sync, the global gradient norm, and full state dicts.
 
-Entry points: parallelize, gradient_group, sync_gradients, clip_global_grad_norm, full_state_dict,
+Entry points: parallelize, linear_block_shapes, gradient_group, sync_gradients, clip_global_grad_norm, full_state_dict,
 parallel_token_losses, parallel_next_token_loss.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
 
 from tetra.model import Transformer
 from tetra.parallel.collectives import all_reduce
+from tetra.parallel.gemm_layout import OUT_IN, Shape
 from tetra.parallel.grid import ProcessGrid, check_grid
 from tetra.parallel.layout import unshard
 from tetra.parallel.overlap import CommSchedule
@@ -28,34 +30,57 @@ from tetra.parallel.tensor_parallel import (
 from tetra.train.losses import IGNORE_INDEX
 
 
-def parallelize(model: Transformer, grid: ProcessGrid, overlap: bool = True) -> Transformer:
-    """Replace every layer by its grid-split version. Attention heads and the MLP width are split over rows, the
-    hidden state over columns; q/k/v, gate/up and the head are 'normal' layers, o and down 'transposed' ones, so
-    no activation is ever re-laid out between them. The model's collectives share one CommSchedule
-    (model.comm_schedule); overlap=False makes every collective blocking, with bit-identical results."""
+def _split_linears(model: Transformer) -> Iterator[tuple[nn.Module, str, bool]]:
+    """(owner, attribute, transposed) of every Linear the grid splits. Attention heads and the MLP width are split
+    over rows, the hidden state over columns; q/k/v, gate/up and the head are 'normal' layers, o and down
+    'transposed' ones, so no activation is ever re-laid out between them."""
+    for block in model.blocks:
+        for name in ("q", "k", "v"):
+            yield block.attn, name, False
+        yield block.attn, "o", True
+        for name in ("gate", "up"):
+            if getattr(block.mlp, name) is not None:
+                yield block.mlp, name, False
+        yield block.mlp, "down", True
+    if not model.config.tie_embeddings:
+        yield model, "head", False
+
+
+def linear_block_shapes(model: Transformer, grid: ProcessGrid) -> list[Shape]:
+    """The [out, in] block of every split Linear on this grid (what its GEMMs multiply), in forward order."""
+    shapes = []
+    for owner, name, transposed in _split_linears(model):
+        out_features, in_features = getattr(owner, name).weight.shape
+        rows, cols = grid.size("row"), grid.size("col")
+        shapes.append((out_features // (cols if transposed else rows), in_features // (rows if transposed else cols)))
+    return shapes
+
+
+def parallelize(model: Transformer, grid: ProcessGrid, overlap: bool = True,
+                gemm_layouts: Mapping[Shape, str] | None = None, regather: bool = True) -> Transformer:
+    """Replace every layer by its grid-split version (see _split_linears for who splits what). The model's
+    collectives share one CommSchedule (model.comm_schedule); overlap=False makes every collective blocking, with
+    bit-identical results. gemm_layouts maps a Linear's block shape (linear_block_shapes) to the layout it is
+    stored in (gemm_layout.py; choose_layouts); shapes not in it keep torch's [out, in]. regather: depth-sharded
+    Linears gather their block again in backward rather than keep it from forward (less memory, one more
+    all-gather per layer; bit-identical results)."""
     check_grid(grid.shape, model.config)
-    schedule = CommSchedule(overlap)
-
-    def linear(layer: nn.Linear, transposed: bool) -> TensorParallelLinear:
-        return TensorParallelLinear(layer, grid, transposed, schedule)
-
+    schedule = CommSchedule(overlap, regather=regather)
+    layouts = dict(gemm_layouts or {})
+    for (owner, name, transposed), shape in zip(list(_split_linears(model)), linear_block_shapes(model, grid),
+                                                strict=True):
+        setattr(owner, name, TensorParallelLinear(getattr(owner, name), grid, transposed, schedule,
+                                                  layouts.get(shape, OUT_IN)))
     width = model.config.hidden_size
-    tied = model.config.tie_embeddings
     model.embed = VocabParallelEmbedding(model.embed, grid)
     if model.pos_embed is not None:
         model.pos_embed = ColumnSplitEmbedding(model.pos_embed, grid)
     for block in model.blocks:
         block.attn_norm = ParallelNorm(block.attn_norm, grid, width)
         block.mlp_norm = ParallelNorm(block.mlp_norm, grid, width)
-        for name in ("q", "k", "v"):
-            setattr(block.attn, name, linear(getattr(block.attn, name), transposed=False))
-        block.attn.o = linear(block.attn.o, transposed=True)
-        for name in ("gate", "up"):
-            if getattr(block.mlp, name) is not None:
-                setattr(block.mlp, name, linear(getattr(block.mlp, name), transposed=False))
-        block.mlp.down = linear(block.mlp.down, transposed=True)
     model.norm = ParallelNorm(model.norm, grid, width)
-    model.head = TiedHead(model.embed, grid) if tied else linear(model.head, transposed=False)
+    if model.config.tie_embeddings:
+        model.head = TiedHead(model.embed, grid)
     if grid.size("depth") > 1:  # forward order, for prefetching each next layer's weights
         schedule.set_forward_order([module for module in model.modules() if isinstance(module, TensorParallelLinear)])
     model.comm_schedule = schedule

@@ -21,6 +21,7 @@ from tetra.parallel.collectives import (
     start_all_reduce,
     start_reduce_scatter_flat,
 )
+from tetra.parallel.gemm_layout import OUT_IN, forward_gemm, input_grad_gemm, weight_grad_gemm
 from tetra.parallel.grid import ProcessGrid
 from tetra.parallel.layout import Layout, shard
 from tetra.parallel.overlap import CommSchedule
@@ -54,29 +55,34 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 class _OverlappedLinear(torch.autograd.Function):
-    """y = x W^T whose backward overlaps communication with computation: the input gradient's all-reduce over the
-    out-feature group runs while the weight gradient's GEMM computes; a depth-sharded weight's gradient is then
-    reduce-scattered in the background and added to the shard's .grad by the layer's CommSchedule."""
+    """y = x W^T (with the weight stored in the layer's GEMM layout) whose backward overlaps communication with
+    computation: the input gradient's all-reduce over the out-feature group runs while the weight gradient's GEMM
+    computes; a depth-sharded weight's gradient is then reduce-scattered in the background and added to the
+    shard's .grad by the layer's CommSchedule."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, shard: torch.Tensor, layer: TensorParallelLinear):
         dtype = _compute_dtype(x, weight)
         x_c, weight_c = x.to(dtype), weight.to(dtype)
-        ctx.save_for_backward(x_c, weight_c)
-        ctx.layer, ctx.input_dtype, ctx.weight_dtype = layer, x.dtype, weight.dtype
+        # A depth-gathered block is either kept for backward or, with regather, dropped now and gathered again.
+        ctx.regather = layer.depth_group is not None and layer.schedule.regather
+        ctx.save_for_backward(x_c, None if ctx.regather else weight_c)
+        ctx.layer, ctx.input_dtype, ctx.weight_dtype, ctx.compute_dtype = layer, x.dtype, weight.dtype, dtype
         with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x_c, weight_c)
+            return forward_gemm(x_c, weight_c, layer.gemm_layout)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         x, weight = ctx.saved_tensors
         layer: TensorParallelLinear = ctx.layer
         schedule = layer.schedule
+        if ctx.regather:
+            weight = layer.gathered_block(backward=True).to(ctx.compute_dtype)
         schedule.poll()
         grad_y = grad_y.to(weight.dtype)
-        grad_x = grad_y.matmul(weight)  # partial: this rank's share of the out-features
+        grad_x = input_grad_gemm(grad_y, weight, layer.gemm_layout)  # partial: this rank's out-features only
         summing = start_all_reduce(grad_x, layer.out_group, schedule.blocking)
-        grad_weight = grad_y.flatten(0, -2).t().matmul(x.flatten(0, -2)).to(ctx.weight_dtype)
+        grad_weight = weight_grad_gemm(grad_y, x, layer.gemm_layout).to(ctx.weight_dtype)
         grad_x = summing.wait().to(ctx.input_dtype)
         if layer.depth_group is None:
             return grad_x, grad_weight, None, None
@@ -89,20 +95,21 @@ class TensorParallelLinear(nn.Module):
     (transposed: the other way round), the [out, in] block then sharded over depth.
 
     Input: the in-feature chunk of this rank. Output: the out-feature chunk, identical across the in-feature group.
+    gemm_layout: the block is stored [out, in] (OUT_IN, torch's way) or [in, out] (IN_OUT); see gemm_layout.py.
     """
 
     def __init__(self, linear: nn.Linear, grid: ProcessGrid, transposed: bool,
-                 schedule: CommSchedule | None = None) -> None:
+                 schedule: CommSchedule | None = None, gemm_layout: str = OUT_IN) -> None:
         super().__init__()
-        self.grid = grid
+        self.grid, self.gemm_layout = grid, gemm_layout
         self.schedule = schedule or CommSchedule()
         self.depth_group = grid.groups["depth"]
         self.in_group = grid.groups["row" if transposed else "col"]
         self.out_group = grid.groups["col" if transposed else "row"]
         # W is [out, in]: normally out over rows and in over columns; transposed layers swap the two roles.
         weight_layout = Layout(tuple(linear.weight.shape), row_dim=1 if transposed else 0,
-                               col_dim=0 if transposed else 1, depth=True)
-        self.block_shape = weight_layout.block_shape(grid)
+                               col_dim=0 if transposed else 1, depth=True, transposed=gemm_layout != OUT_IN)
+        self.stored_shape = weight_layout.stored_block_shape(grid)
         self.weight = sharded_parameter(linear.weight.data, weight_layout, grid)
         if self.depth_group is not None:
             self.schedule.gradient_arrives_deferred(self.weight)
@@ -112,13 +119,16 @@ class TensorParallelLinear(nn.Module):
                 Layout(tuple(linear.bias.shape), row_dim=0)
             self.bias = sharded_parameter(linear.bias.data, bias_layout, grid)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        numel = self.block_shape[0] * self.block_shape[1]
+    def gathered_block(self, backward: bool = False) -> torch.Tensor:
+        """This rank's whole [out, in] block (in its stored layout); gathered over depth when sharded."""
         if self.depth_group is None:
-            weight = self.weight.view(self.block_shape)
-        else:
-            weight = self.schedule.gathered_weight(self, self.weight, self.depth_group)[:numel].view(self.block_shape)
-        y = reduce_forward(_OverlappedLinear.apply(x, weight, self.weight, self), self.in_group)
+            return self.weight.view(self.stored_shape)
+        numel = self.stored_shape[0] * self.stored_shape[1]
+        flat = self.schedule.gathered_weight(self, self.weight, self.depth_group, backward=backward)
+        return flat[:numel].view(self.stored_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = reduce_forward(_OverlappedLinear.apply(x, self.gathered_block(), self.weight, self), self.in_group)
         return y if self.bias is None else y + self.bias
 
     def reduce_scatter_weight_grad(self, grad_weight: torch.Tensor) -> None:

@@ -1,6 +1,7 @@
 """Everything a run needs before its first step: the dataset, a model that fits it, and their consistency checks.
 
-Entry point: build_model_for_run(config, explicit_model, data) -> (model, tokenizer folder).
+Entry points: build_model_for_run(config, explicit_model, data) -> (model, tokenizer folder), auto_grid,
+gemm_layouts_for_run, enable_activation_checkpointing.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from tetra.errors import ConfigError, DataError
 from tetra.model import ModelConfig, Transformer
 from tetra.model.io import load_model
 from tetra.model.presets import PRESETS
+from tetra.parallel.gemm_layout import IN_OUT, LayoutCache, Shape, agree_on_layouts, choose_layouts, default_cache_path
+from tetra.parallel.grid import ProcessGrid
+from tetra.parallel.parallelize import linear_block_shapes
 
 
 def resolve_model_config(config: RunConfig, explicit_model: dict[str, Any], data: PreparedData) -> ModelConfig:
@@ -111,6 +115,28 @@ def auto_grid(config: RunConfig, model_config: ModelConfig, world: int) -> tuple
                f"x col {shape.col}, {batch_size} sequences per batch rank; predicted {best.step_time * 1000:.1f} ms "
                f"per micro-step, {sum(best.memory.values()) / 1e9:.2f} GB per device")
     return dataclasses.replace(config, parallel=parallel, train=train), summary
+
+
+def gemm_layouts_for_run(config: RunConfig, model: Transformer, grid: ProcessGrid, device: torch.device,
+                         dtype: torch.dtype, main_rank: bool) -> tuple[dict[Shape, str], str]:
+    """The storage layout of each split Linear's block (parallel.gemm_layout), and a line saying what was chosen.
+    auto: rank 0 times each block shape once on this device at this run's tokens per micro-batch (or finds it in
+    the cache) and every rank takes its answer. Collective when auto."""
+    shapes = linear_block_shapes(model, grid)
+    if config.parallel.gemm_layout != "auto":
+        return dict.fromkeys(shapes, config.parallel.gemm_layout), f"GEMM layouts: all {config.parallel.gemm_layout}"
+    choices, summary = {}, ""
+    if main_rank:
+        tokens = config.train.batch_size * config.data.seq_len
+        timed = choose_layouts(shapes, tokens, dtype, device, LayoutCache.load(default_cache_path()))
+        choices = {shape: choice.layout for shape, choice in timed.items()}
+        faster = [f"{out}x{in_} {choice.speedup:.2f}x" for (out, in_), choice in timed.items()
+                  if choice.layout == IN_OUT]
+        fresh = sum(not choice.cached for choice in timed.values())
+        summary = (f"GEMM layouts ({len(timed)} weight shapes, {tokens} tokens, {str(dtype).removeprefix('torch.')}; "
+                   f"{fresh} timed now, {len(timed) - fresh} from the cache {default_cache_path()}): "
+                   + (f"[in, out] for {', '.join(faster)}; [out, in] for the rest" if faster else "all [out, in]"))
+    return agree_on_layouts(choices), summary
 
 
 def enable_activation_checkpointing(model: Transformer) -> None:

@@ -101,7 +101,7 @@ def load_shards(folder: Path, model: Transformer, optimizer: torch.optim.Optimiz
 
 
 def _depth_piece(block: torch.Tensor, layout: Layout, grid: ProcessGrid) -> torch.Tensor:
-    """This rank's depth shard of a whole [row, col] block."""
-    if not layout.depth:
+    """What this rank stores of a whole [row, col] block: transposed if its layout says so, then its depth shard."""
+    if not layout.depth and not layout.transposed:
         return block
-    return shard(block, Layout(tuple(block.shape), depth=True), grid)
+    return shard(block, Layout(tuple(block.shape), depth=layout.depth, transposed=layout.transposed), grid)

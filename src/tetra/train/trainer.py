@@ -34,7 +34,13 @@ from tetra.train.optim import build_optimizer, lr_at, set_lr
 from tetra.train.precision import choose_autocast_dtype
 from tetra.train.progress import ProgressReporter
 from tetra.train.replica import Replica, StepLoss
-from tetra.train.setup import auto_grid, build_model_for_run, enable_activation_checkpointing, resolve_model_config
+from tetra.train.setup import (
+    auto_grid,
+    build_model_for_run,
+    enable_activation_checkpointing,
+    gemm_layouts_for_run,
+    resolve_model_config,
+)
 from tetra.train.signals import StopRequest
 from tetra.train.torch_strategies import wrap_model
 
@@ -68,6 +74,7 @@ class Loop:
     precision_reason: str
     device: torch.device
     replica: Replica
+    gemm_layouts: dict[str, str] = dataclasses.field(default_factory=dict)  # "out x in" block -> storage layout
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -153,16 +160,22 @@ def build_loop(config: RunConfig, explicit_model: dict[str, Any]) -> tuple[Loop,
     replica = Replica(grid, zero1=config.parallel.zero1, strategy=strategy)
     train_batches, val_batches = _open_batches(config, data, replica)
     model, tokenizer_folder = build_model_for_run(config, explicit_model, data, device)
+    autocast_dtype, precision_reason = choose_autocast_dtype(config.train.precision, device)
+    gemm_layouts: dict[str, str] = {}
     if replica.splits_model:
-        parallelize(model, grid, overlap=config.parallel.overlap)
+        layouts, summary = gemm_layouts_for_run(config, model, grid, device, autocast_dtype or torch.float32,
+                                                is_main_rank())
+        if summary and is_main_rank():
+            sys.stderr.write(summary + "\n")
+        gemm_layouts = {f"{out}x{in_}": layout for (out, in_), layout in sorted(layouts.items())}
+        parallelize(model, grid, overlap=config.parallel.overlap, gemm_layouts=layouts)
     if config.train.activation_checkpointing:
         enable_activation_checkpointing(model)
     forward_model = wrap_model(model, strategy, device)  # DDP wraps; FSDP2 shards the model in place
     forward_model = torch.compile(forward_model) if config.train.compile else forward_model
     optimizer = build_optimizer(model, config.train, grid if replica.splits_model else None, config.parallel.zero1)
-    autocast_dtype, precision_reason = choose_autocast_dtype(config.train.precision, device)
     loop = Loop(config, model, forward_model, optimizer, train_batches, val_batches, autocast_dtype, precision_reason,
-                device, replica)
+                device, replica, gemm_layouts)
     return loop, tokenizer_folder
 
 
@@ -193,6 +206,7 @@ def _start_run_folder(loop: Loop, run_dir: Path, resume_from: Path | None, confi
             "parameters": loop.model.config.num_parameters(), "precision": loop.precision_reason,
             "peak_flops": peak, "peak_source": peak_source, "device": str(loop.device), "devices": devices,
             "grid": None if loop.replica.grid is None else vars(loop.replica.grid.shape),
+            "gemm_layouts": loop.gemm_layouts,
             "resumed_from": str(resume_from)})
     tokens = config.train.batch_size * config.train.grad_accum * config.data.seq_len * loop.replica.batch_ranks
     return Throughput(tokens, flops_per_token(loop.model.config, config.data.seq_len) * tokens, peak, devices)
