@@ -94,9 +94,9 @@ def saved_bytes_both_ways(rank: int, world: int, port: int, model_name: str, out
         result = {}
         for regather in (True, False):
             model = parallelize(copy.deepcopy(reference), grid, regather=regather)
-            saved = []
+            saved: list[int] = []
 
-            def pack(tensor: torch.Tensor) -> torch.Tensor:
+            def pack(tensor: torch.Tensor, saved: list[int] = saved) -> torch.Tensor:
                 saved.append(tensor.numel() * tensor.element_size())
                 return tensor
 

@@ -40,7 +40,8 @@ def test_four_rank_grids():
     # The goldfish loss through the trainer's step: vocabulary-parallel per-token losses, masks on every rank's own
     # samples, normalization by the global kept-token count, two micro-batches.
     goldfish = [("llama", dict(data=2, row=2), False, 4), ("gpt2", dict(depth=2, col=2), False, 3)]
-    transposed = [("llama", dict(depth=2, col=2), False, 0, "in_out"), ("gpt2", dict(depth=2, row=2), False, 0, "in_out"),
+    transposed = [("llama", dict(depth=2, col=2), False, 0, "in_out"),
+                  ("gpt2", dict(depth=2, row=2), False, 0, "in_out"),
                   ("llama", dict(data=2, depth=2), True, 0, "in_out")]
     _assert_equal(_run(4, grids, extra_cases=goldfish + transposed))
 

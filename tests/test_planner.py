@@ -11,7 +11,7 @@ from tetra.cli import main
 from tetra.errors import ConfigError
 from tetra.model.presets import preset_config
 from tetra.parallel.grid import GridShape
-from tetra.parallel.planner import MachineProfile, group_bandwidth, plan, predict, valid_grids
+from tetra.parallel.planner import MachineProfile, group_bandwidth, model_gemms, plan, predict, valid_grids
 
 LLAMA_8B = preset_config("llama-8b")
 
@@ -134,3 +134,20 @@ def test_auto_grid_keeps_the_global_batch_and_takes_the_best_plan():
     assert "parallel.auto on 8 x dgx-h100" in summary
     with pytest.raises(ConfigError, match="parallel.auto needs parallel.machine"):
         build_run_config({"data": {"path": "x"}, "train": {"warmup_steps": 1}, "parallel": {"auto": True}})
+
+
+def test_gathering_again_in_backward_trades_one_all_gather_for_the_blocks_memory():
+    machine = dataclasses.replace(MachineProfile.load("perlmutter"), collective_latency=0.0)
+    shape = GridShape(depth=4, row=2, col=2)
+    regather = predict(LLAMA_8B, shape, 64, 2048, machine, overlap=False)
+    keep = predict(LLAMA_8B, shape, 64, 2048, machine, overlap=False, regather=False)
+    # Depth traffic per Linear block: two fp32 gathers and an fp32 reduce-scatter (1.5x one gather and the scatter);
+    # the embedding table is gathered once either way (its backward does not need it).
+    table = LLAMA_8B.vocab_size * LLAMA_8B.hidden_size
+    linear = sum(gemm.in_features * gemm.out_features * gemm.per_model for gemm in model_gemms(LLAMA_8B))
+    expected = (1.5 * linear + table) / (linear + table)
+    assert regather.collectives["depth"] / keep.collectives["depth"] == pytest.approx(expected, rel=1e-6)
+    # Kept: every Linear's bf16 block over row x col = 4 stays for backward; gathered again: two blocks at most.
+    assert keep.memory["gathered_weights"] == pytest.approx(linear / 4 * 2, rel=1e-6)
+    assert regather.memory["gathered_weights"] < keep.memory["gathered_weights"] / 3
+    assert predict(LLAMA_8B, GridShape(row=2, col=2), 64, 2048, machine).memory["gathered_weights"] == 0

@@ -93,7 +93,8 @@ class CommSchedule:
         return not self.overlap
 
     # Depth all-gathers, one layer ahead: in forward order, and in backward order when blocks are gathered again.
-    def gathered_weight(self, layer: nn.Module, shard: torch.Tensor, group: Group, backward: bool = False) -> torch.Tensor:
+    def gathered_weight(self, layer: nn.Module, shard: torch.Tensor, group: Group,
+                        backward: bool = False) -> torch.Tensor:
         """The layer's full flat weight block; with overlap, the gather of the layer that runs next (in this pass's
         order) starts before returning."""
         prefetches = self._prefetched_backward if backward else self._prefetched

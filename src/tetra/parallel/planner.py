@@ -2,7 +2,7 @@
 grid, from a machine profile. Follows SPECS section 1 (ring costs per GEMM), with compute included.
 
 Entry points: MachineProfile.load(name_or_path), valid_grids(...), predict(...), plan(...).
-Communication is not overlapped yet, so the model adds it to compute rather than hiding any of it.
+With overlap, each group's collectives hide behind the computation they can run beside (Prediction.exposed).
 """
 
 from __future__ import annotations
@@ -114,6 +114,7 @@ class Prediction:
     overlappable: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("col", "row", "depth", "data"), 0.0))
     windows: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("col", "row", "depth", "data"), 0.0))
     overlap: bool = True
+    regather: bool = True  # depth blocks gathered again in backward (parallel.regather) rather than kept
 
     def exposed(self, dimension: str) -> float:
         """Seconds of this group's collectives that the step waits for."""
@@ -156,11 +157,14 @@ def _add_gemm(prediction: Prediction, gemm: Gemm, tokens: float, micro_steps: in
     _add_calls(prediction, out_dim, n * gemm.calls * micro_steps, machine)
     prediction.overlappable[out_dim] += input_gradient
     prediction.windows[out_dim] += gemm_seconds / 3
-    # The fp32 weight block is gathered over depth once per micro-batch (kept for backward) and its gradient
-    # reduce-scattered: prefetched one layer ahead and finished in the background, behind this layer's GEMMs.
-    depth = n * micro_steps * _ring_gather(shape.depth) * block * (MASTER_BYTES + GRADIENT_BYTES) / bandwidth["depth"]
+    # The fp32 weight block is gathered over depth in forward (and again in backward with regather) and its
+    # gradient reduce-scattered: gathers prefetched one layer ahead, reduce-scatters finished in the background,
+    # behind this layer's GEMMs.
+    gathers = 2 if prediction.regather else 1
+    depth = n * micro_steps * _ring_gather(shape.depth) * block * (gathers * MASTER_BYTES + GRADIENT_BYTES) \
+        / bandwidth["depth"]
     prediction.collectives["depth"] += depth
-    _add_calls(prediction, "depth", 2 * n * gemm.calls * micro_steps, machine)
+    _add_calls(prediction, "depth", (gathers + 1) * n * gemm.calls * micro_steps, machine)
     prediction.overlappable["depth"] += depth
     prediction.windows["depth"] += gemm_seconds
     # The data all-reduce happens once per optimizer step, in buckets during the last backward (two thirds of the
@@ -173,11 +177,11 @@ def _add_gemm(prediction: Prediction, gemm: Gemm, tokens: float, micro_steps: in
 
 def predict(config: ModelConfig, shape: GridShape, global_batch: int, seq_len: int, machine: MachineProfile,
             zero1: bool = False, micro_batch: int = 1, value_bytes: int = ACTIVATION_BYTES,
-            overlap: bool = True) -> Prediction:
+            overlap: bool = True, regather: bool = True) -> Prediction:
     """Step time and memory per device of one grid (bf16 compute, fp32 master weights and AdamW state); each batch
     rank runs its share as micro-batches of `micro_batch` sequences (gradient accumulation). value_bytes is the
     width of activations and gathered weights: 2 for bf16 training, 4 for fp32."""
-    prediction = Prediction(shape, overlap=overlap)
+    prediction = Prediction(shape, overlap=overlap, regather=regather)
     tokens = global_batch * seq_len
     micro_steps = max(global_batch // (shape.data * shape.depth * micro_batch), 1)
     for gemm in model_gemms(config):
@@ -204,9 +208,23 @@ def predict(config: ModelConfig, shape: GridShape, global_batch: int, seq_len: i
     activations = config.n_layers * micro_tokens * config.hidden_size * (10 + 24 / tensor_parallel)
     activations += micro_tokens * config.vocab_size / shape.row * 4
     prediction.memory = {"parameters": 4 * parameters, "gradients": 4 * parameters,
-                         "optimizer": 8 * parameters / (shape.data if zero1 else 1), "activations": activations}
+                         "optimizer": 8 * parameters / (shape.data if zero1 else 1), "activations": activations,
+                         "gathered_weights": _gathered_weight_bytes(config, shape, regather, value_bytes)}
     prediction.fits = sum(prediction.memory.values()) <= 0.9 * machine.memory_gb * 1e9
     return prediction
+
+
+def _gathered_weight_bytes(config: ModelConfig, shape: GridShape, regather: bool, value_bytes: int) -> float:
+    """Whole weight blocks held during a step beyond the depth shards: with regather, the block in use and the
+    prefetched one (fp32); kept, every layer's block in the compute dtype. A tied head keeps its table either way."""
+    if shape.depth == 1:
+        return 0.0
+    blocks = [gemm.in_features * gemm.out_features / (shape.row * shape.col) for gemm in model_gemms(config)]
+    kept = 2 * max(blocks) * MASTER_BYTES if regather else \
+        sum(block * gemm.per_model for block, gemm in zip(blocks, model_gemms(config), strict=True)) * value_bytes
+    if config.tie_embeddings:
+        kept += config.vocab_size * config.hidden_size / (shape.row * shape.col) * value_bytes
+    return kept
 
 
 def valid_grids(config: ModelConfig, devices: int, global_batch: int, micro_batch: int = 1) -> list[GridShape]:
@@ -226,13 +244,14 @@ def valid_grids(config: ModelConfig, devices: int, global_batch: int, micro_batc
 
 
 def plan(config: ModelConfig, devices: int, global_batch: int, seq_len: int, machine: MachineProfile,
-         zero1: bool = False, micro_batch: int = 1, overlap: bool = True) -> list[Prediction]:
+         zero1: bool = False, micro_batch: int = 1, overlap: bool = True, regather: bool = True) -> list[Prediction]:
     """Valid grids ranked: those that fit in memory first, each group by predicted step time."""
     grids = valid_grids(config, devices, global_batch, micro_batch)
     if not grids:
         raise ConfigError(f"No grid of {devices} devices splits this model and a global batch of {global_batch} "
                           f"(micro-batches of {micro_batch}): the sizes it splits (hidden, heads, KV heads, MLP width, "
                           "vocabulary) and the batch must divide by the grid's dimensions.")
-    predictions = [predict(config, shape, global_batch, seq_len, machine, zero1, micro_batch, overlap=overlap)
+    predictions = [predict(config, shape, global_batch, seq_len, machine, zero1, micro_batch, overlap=overlap,
+                           regather=regather)
                    for shape in grids]
     return sorted(predictions, key=lambda p: (not p.fits, p.step_time))

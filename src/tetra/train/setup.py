@@ -106,7 +106,7 @@ def auto_grid(config: RunConfig, model_config: ModelConfig, world: int) -> tuple
     machine = MachineProfile.load(config.parallel.machine)
     global_batch = config.train.batch_size * world
     best = plan(model_config, world, global_batch, config.data.seq_len, machine, config.parallel.zero1,
-                micro_batch=1, overlap=config.parallel.overlap)[0]
+                micro_batch=1, overlap=config.parallel.overlap, regather=config.parallel.regather)[0]
     shape = best.shape
     batch_size = global_batch // (shape.data * shape.depth)
     parallel = dataclasses.replace(config.parallel, data=shape.data, depth=shape.depth, row=shape.row, col=shape.col)

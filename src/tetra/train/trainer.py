@@ -168,7 +168,8 @@ def build_loop(config: RunConfig, explicit_model: dict[str, Any]) -> tuple[Loop,
         if summary and is_main_rank():
             sys.stderr.write(summary + "\n")
         gemm_layouts = {f"{out}x{in_}": layout for (out, in_), layout in sorted(layouts.items())}
-        parallelize(model, grid, overlap=config.parallel.overlap, gemm_layouts=layouts)
+        parallelize(model, grid, overlap=config.parallel.overlap, gemm_layouts=layouts,
+                    regather=config.parallel.regather)
     if config.train.activation_checkpointing:
         enable_activation_checkpointing(model)
     forward_model = wrap_model(model, strategy, device)  # DDP wraps; FSDP2 shards the model in place
