@@ -36,6 +36,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8, help="global batch (sequences)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per step")
+    parser.add_argument("--regather", action="store_true",
+                        help="gather depth-sharded weight blocks again in backward (parallel.regather=true)")
     parser.add_argument("--compare-overlap", action="store_true",
                         help="also time each grid with blocking collectives (parallel.overlap=false)")
     return parser.parse_args()
@@ -78,7 +80,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
             torch.manual_seed(0)
             model = Transformer(config)
             model.init_weights()
-            parallelize(model, grid, overlap=overlap)
+            parallelize(model, grid, overlap=overlap, regather=args.regather)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
             start_bytes = counter.bytes
             seconds, _ = time_steps(model, Replica(grid), optimizer, list(local.chunk(args.accumulation)),

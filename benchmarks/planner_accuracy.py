@@ -39,9 +39,11 @@ def main() -> None:
                          intermediate_size=4 * args.width, max_position_embeddings=args.seq)
     for row in rows:
         row["predicted_ms"] = 1000 * predict(config, GridShape(**row["grid"]), args.batch, args.seq, machine,
-                                             value_bytes=4).step_time
+                                             value_bytes=4, regather=args.regather).step_time
     print(f"machine: {machine.gemm_flops / 1e9:.0f} GFLOP/s fp32 GEMM, {machine.intra_node_bandwidth / 1e9:.2f} GB/s "
-          f"all-reduce bus bandwidth ({args.world} gloo processes on {os.cpu_count()} cores)")
+          f"all-reduce bus bandwidth, {machine.collective_latency * 1e6:.0f} us latency, "
+          f"{machine.overlap_efficiency:.0%} overlap efficiency ({args.world} gloo processes on {os.cpu_count()} "
+          "cores)")
     print(f"{'data':>4} {'depth':>5} {'row':>3} {'col':>3} {'measured ms':>12} {'predicted ms':>13}")
     for row in rows:
         g = row["grid"]

@@ -25,7 +25,9 @@ from tetra.train.optim import build_optimizer
 from tetra.train.replica import Replica
 from tetra.train.torch_strategies import wrap_model
 
-GRIDS = [dict(depth=4), dict(data=2, depth=2), dict(depth=2, row=2), dict(row=2, col=2), dict(data=4)]
+# regather: depth blocks gathered again in backward instead of kept from forward (parallel.regather=true).
+GRIDS = [dict(depth=4), dict(depth=4, regather=True), dict(data=2, depth=2), dict(depth=2, row=2), dict(row=2, col=2),
+         dict(data=4)]
 
 
 def parse_args() -> argparse.Namespace:
@@ -58,7 +60,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, strategy:
     model.init_weights()
     replica = Replica(grid, strategy=strategy)
     if strategy == "4d":
-        parallelize(model, grid)
+        parallelize(model, grid, regather=grid_sizes.get("regather", False))
     forward_model = wrap_model(model, strategy, torch.device("cpu"))
     optimizer = build_optimizer(model, TrainConfig(), grid if strategy == "4d" else None)
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
@@ -70,7 +72,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, strategy:
         import json
 
         with open(out_path, "w") as handle:
-            json.dump({"strategy": strategy, "grid": vars(shape), "step_ms": 1000 * seconds,
+            json.dump({"strategy": strategy, "grid": vars(shape), "regather": grid_sizes.get("regather", False),
+                       "step_ms": 1000 * seconds,
                        "state_mb": float(result[0]), "rss_growth_mb": float(result[1]),
                        "parameters": config.num_parameters()}, handle)
     dist.destroy_process_group()
@@ -79,7 +82,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, strategy:
 def label(row: dict) -> str:
     if row["strategy"] != "4d":
         return row["strategy"]
-    return "4d " + " x ".join(f"{name} {size}" for name, size in row["grid"].items() if size > 1)
+    grid = "4d " + " x ".join(f"{name} {size}" for name, size in row["grid"].items() if size > 1)
+    return grid + " (regather)" if row["regather"] else grid
 
 
 def main() -> None:

@@ -51,7 +51,7 @@ def _case(model_name: str, shape: GridShape, zero1: bool, gemm_layout: str) -> d
     vocab = MODELS[model_name]["vocab_size"]
     tokens = torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
     results = []
-    # Overlapped with depth blocks gathered again in backward (the default), overlapped keeping them, and blocking.
+    # Overlapped with depth blocks gathered again in backward, overlapped keeping them (the default), and blocking.
     for overlap, regather in ((True, True), (True, False), (False, True)):
         model = parallelize(copy.deepcopy(reference), grid, overlap=overlap, gemm_layouts=layouts, regather=regather)
         model.comm_schedule.bucket_bytes = 2048  # several buckets per group, even for this small model

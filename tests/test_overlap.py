@@ -1,5 +1,5 @@
 """Overlapped collectives give bit-identical training to blocking ones, whether depth-sharded weight blocks are
-gathered again in backward (the default) or kept from forward, and all match one process (gloo, fp32).
+gathered again in backward or kept from forward (the default), and all match one process (gloo, fp32).
 
 The overlapped run prefetches depth all-gathers, reduce-scatters weight gradients in the background, overlaps the
 input-gradient all-reduce with the weight-gradient GEMM, and sums data-parallel gradients in buckets during the last

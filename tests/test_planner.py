@@ -89,6 +89,11 @@ def test_overlap_hides_only_the_background_collectives_up_to_their_compute_windo
     # The output all-reduce of a layer is needed by the next operation: a row-only grid's forward sums stay exposed.
     row_only = predict(LLAMA_8B, GridShape(row=8), 64, 2048, machine)
     assert row_only.exposed("row") > 0
+    # A machine that hides only half of what overlaps (measured by `tetra calibrate`) exposes the other half.
+    half = predict(LLAMA_8B, shape, 512, 4096, dataclasses.replace(machine, overlap_efficiency=0.5))
+    for name in ("col", "row", "depth", "data"):
+        hidden = overlapped.collectives[name] - overlapped.exposed(name)
+        assert half.collectives[name] - half.exposed(name) == pytest.approx(hidden / 2)
 
 
 def test_plan_command(capsys):
@@ -113,6 +118,7 @@ def test_calibrate_writes_a_profile_that_plan_reads(tmp_path, capsys):
     assert main(["calibrate", "--processes", "2", "--out", str(profile), "--device", "cpu"]) == 0
     machine = MachineProfile.load(str(profile))
     assert machine.devices_per_node == 2 and machine.gemm_flops > 1e9 and machine.intra_node_bandwidth > 1e6
+    assert 0.0 <= machine.overlap_efficiency <= 1.0 and "overlap_efficiency" in profile.read_text()
     capsys.readouterr()
     assert main(["plan", "--model", "tiny", "--devices", "2", "--machine", str(profile), "--global-batch", "4",
                  "--seq", "64", "--json"]) == 0
@@ -139,8 +145,8 @@ def test_auto_grid_keeps_the_global_batch_and_takes_the_best_plan():
 def test_gathering_again_in_backward_trades_one_all_gather_for_the_blocks_memory():
     machine = dataclasses.replace(MachineProfile.load("perlmutter"), collective_latency=0.0)
     shape = GridShape(depth=4, row=2, col=2)
-    regather = predict(LLAMA_8B, shape, 64, 2048, machine, overlap=False)
-    keep = predict(LLAMA_8B, shape, 64, 2048, machine, overlap=False, regather=False)
+    regather = predict(LLAMA_8B, shape, 64, 2048, machine, overlap=False, regather=True)
+    keep = predict(LLAMA_8B, shape, 64, 2048, machine, overlap=False)
     # Depth traffic per Linear block: two fp32 gathers and an fp32 reduce-scatter (1.5x one gather and the scatter);
     # the embedding table is gathered once either way (its backward does not need it).
     table = LLAMA_8B.vocab_size * LLAMA_8B.hidden_size

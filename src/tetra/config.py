@@ -103,7 +103,7 @@ class ParallelConfig:
     strategy: str = "4d"  # 4d (this grid) | ddp | fsdp2: torch's DistributedDataParallel / fully_shard, as baselines
     overlap: bool = True  # run collectives in the background of computation (off: blocking, bit-identical results)
     gemm_layout: str = "auto"  # auto (time each weight shape once per device, cached) | out_in | in_out
-    regather: bool = True  # depth-sharded weight blocks gathered again in backward (less memory) or kept from forward
+    regather: bool = False  # gather depth-sharded weight blocks again in backward (less memory, slower) vs keep them
     zero1: bool = False  # also shard optimizer state over data (ZeRO-1): less memory, one more all-gather per step
     auto: bool = False  # let the performance model pick the grid (needs parallel.machine); overrides data/depth/row/col
     machine: str = ""  # machine profile for auto: a shipped name (perlmutter, ...) or a file from `tetra calibrate`

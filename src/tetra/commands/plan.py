@@ -33,9 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--zero1", action="store_true", help="optimizer state also sharded over data")
     parser.add_argument("--no-overlap", action="store_true",
                         help="model blocking collectives (parallel.overlap=false): nothing hidden behind compute")
-    parser.add_argument("--keep-gathered", action="store_true",
-                        help="model depth blocks kept from forward to backward (parallel.regather=false): one "
-                             "all-gather less per layer, every layer's block held during the step")
+    parser.add_argument("--regather", action="store_true",
+                        help="model depth blocks gathered again in backward (parallel.regather=true): one more "
+                             "all-gather per layer, no whole block held between forward and backward")
     parser.add_argument("--top", type=int, default=10, help="rows to print")
     parser.add_argument("--json", action="store_true", help="every grid as JSON")
     parser.set_defaults(handler=run)
@@ -55,7 +55,7 @@ def _row(p: Prediction) -> dict:
 def run(args: argparse.Namespace) -> int:
     machine = MachineProfile.load(args.machine)
     predictions = plan(_model(args.model), args.devices, args.global_batch, args.seq, machine, args.zero1,
-                       args.micro_batch, overlap=not args.no_overlap, regather=not args.keep_gathered)
+                       args.micro_batch, overlap=not args.no_overlap, regather=args.regather)
     if args.json:
         print_json({"machine": machine.name, "devices": args.devices, "grids": [_row(p) for p in predictions]})
         return 0

@@ -1,5 +1,5 @@
-"""Measuring a machine into a profile the planner reads: GEMM throughput by shape and dtype, and collective
-bandwidth by group size across local processes.
+"""Measuring a machine into a profile the planner reads: GEMM throughput by shape and dtype, collective bandwidth
+and latency by group size across local processes, and how much of a collective really hides behind a GEMM.
 
 Entry point: calibrate(processes, device) -> dict (a machine profile plus the raw measurements).
 """
@@ -65,10 +65,48 @@ def _collective_worker(rank: int, world: int, port: int, backend: str, out: str)
             rows.append({"group": size, "bytes": 4, "latency_s": latency})
         dist.barrier()
         size *= 2
+    rows.append({"group": world, "overlap_efficiency": _overlap_efficiency(device)})
     if rank == 0:
         with open(out, "w") as handle:
             json.dump(rows, handle)
     dist.destroy_process_group()
+
+
+def _synchronized(operation, device: torch.device):
+    def run() -> None:
+        operation()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return run
+
+
+def _overlap_efficiency(device: torch.device) -> float:
+    """The share of an all-reduce over every process that hides behind a GEMM of about the same length (1: the
+    step pays only the longer of the two; 0: it pays both). Collective: every rank measures, the mean is kept.
+    Processes that share their cores with the collective's own threads hide little."""
+    message = torch.ones(MESSAGE_BYTES[-1] // 4, device=device)
+    a = torch.randn(1024, 1024, device=device)
+    comm_s = _timed(_synchronized(lambda: dist.all_reduce(message), device), dist.group.WORLD)
+    gemm_once = _timed(_synchronized(lambda: a @ a, device), dist.group.WORLD)
+    count = torch.tensor([max(1.0, round(comm_s / gemm_once))])
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)  # the same GEMM work on every rank
+    gemms = int(count)
+
+    def compute() -> None:
+        for _ in range(gemms):
+            a @ a
+
+    def both() -> None:
+        work = dist.all_reduce(message, async_op=True)
+        compute()
+        work.wait()
+
+    gemm_s = _timed(_synchronized(compute, device), dist.group.WORLD)
+    both_s = _timed(_synchronized(both, device), dist.group.WORLD)
+    hidden = (gemm_s + comm_s - both_s) / min(gemm_s, comm_s)
+    mean = torch.tensor([min(max(hidden, 0.0), 1.0)])
+    dist.all_reduce(mean)
+    return float(mean) / dist.get_world_size()
 
 
 def measure_collectives(processes: int, backend: str) -> list[dict]:
@@ -83,13 +121,16 @@ def calibrate(processes: int, device: torch.device, name: str = "local") -> dict
     collectives = measure_collectives(processes, "nccl" if device.type == "cuda" else "gloo") if processes > 1 else []
     best_gemm = max(row["flops"] for row in gemms if row["dtype"] == "bfloat16")
     largest = [row for row in collectives if row["group"] == max((r["group"] for r in collectives), default=0)]
-    bandwidth = max((row["all_reduce_bus_bandwidth"] for row in largest if "latency_s" not in row), default=0.0)
+    bandwidth = max((row["all_reduce_bus_bandwidth"] for row in largest if "all_reduce_bus_bandwidth" in row),
+                    default=0.0)
     latency = min((row["latency_s"] for row in largest if "latency_s" in row), default=20e-6)
+    efficiency = next((row["overlap_efficiency"] for row in collectives if "overlap_efficiency" in row), 1.0)
     if device.type == "cuda":
         memory_gb = torch.cuda.get_device_properties(device).total_memory / 1e9
     else:
         memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9 / max(processes, 1)
     profile = {"name": name, "devices_per_node": processes, "memory_gb": round(memory_gb, 1),
                "peak_flops": best_gemm, "gemm_flops": best_gemm, "intra_node_bandwidth": bandwidth,
-               "inter_node_bandwidth": bandwidth, "collective_latency": latency}
+               "inter_node_bandwidth": bandwidth, "collective_latency": latency,
+               "overlap_efficiency": round(efficiency, 3)}
     return {"profile": profile, "gemm": gemms, "collectives": collectives}

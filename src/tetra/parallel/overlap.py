@@ -64,7 +64,7 @@ class _Bucket:
 class CommSchedule:
     """The pending collectives of one model on one rank, and whether they overlap computation (overlap=True)."""
 
-    def __init__(self, overlap: bool = True, bucket_bytes: int = BUCKET_BYTES, regather: bool = True) -> None:
+    def __init__(self, overlap: bool = True, bucket_bytes: int = BUCKET_BYTES, regather: bool = False) -> None:
         # regather: a depth-sharded layer gathers its weight block again in backward instead of keeping the forward's
         # (FSDP's reshard-after-forward): one more all-gather per layer, no whole block held between the passes.
         self.overlap, self.bucket_bytes, self.regather = overlap, bucket_bytes, regather

@@ -57,13 +57,14 @@ def linear_block_shapes(model: Transformer, grid: ProcessGrid) -> list[Shape]:
 
 
 def parallelize(model: Transformer, grid: ProcessGrid, overlap: bool = True,
-                gemm_layouts: Mapping[Shape, str] | None = None, regather: bool = True) -> Transformer:
+                gemm_layouts: Mapping[Shape, str] | None = None, regather: bool = False) -> Transformer:
     """Replace every layer by its grid-split version (see _split_linears for who splits what). The model's
     collectives share one CommSchedule (model.comm_schedule); overlap=False makes every collective blocking, with
     bit-identical results. gemm_layouts maps a Linear's block shape (linear_block_shapes) to the layout it is
     stored in (gemm_layout.py; choose_layouts); shapes not in it keep torch's [out, in]. regather: depth-sharded
     Linears gather their block again in backward rather than keep it from forward (less memory, one more
-    all-gather per layer; bit-identical results)."""
+    all-gather per layer; bit-identical results). Off by default: on the machines measured so far the extra
+    gathers cost more time than the held blocks cost memory."""
     check_grid(grid.shape, model.config)
     schedule = CommSchedule(overlap, regather=regather)
     layouts = dict(gemm_layouts or {})

@@ -39,6 +39,10 @@ class MachineProfile:
     # Shipped GPU profiles keep this default (NCCL small-message all-reduce inside a node is ~10-30 us);
     # `tetra calibrate` measures it.
     collective_latency: float = 20e-6
+    # Share of a collective that can hide behind computation when they overlap. GPUs run collectives on their own
+    # streams and links, so shipped profiles keep 1.0; processes that share CPU cores with gloo's threads hide far
+    # less. `tetra calibrate` measures it (an all-reduce beside a GEMM of the same length).
+    overlap_efficiency: float = 1.0
 
     @classmethod
     def load(cls, name_or_path: str) -> MachineProfile:
@@ -114,14 +118,15 @@ class Prediction:
     overlappable: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("col", "row", "depth", "data"), 0.0))
     windows: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("col", "row", "depth", "data"), 0.0))
     overlap: bool = True
-    regather: bool = True  # depth blocks gathered again in backward (parallel.regather) rather than kept
+    overlap_efficiency: float = 1.0  # the machine's (MachineProfile.overlap_efficiency)
+    regather: bool = False  # depth blocks gathered again in backward (parallel.regather) rather than kept
 
     def exposed(self, dimension: str) -> float:
         """Seconds of this group's collectives that the step waits for."""
         total = self.collectives[dimension]
         if not self.overlap:
             return total
-        hidden = min(self.overlappable[dimension], self.windows[dimension])
+        hidden = min(self.overlappable[dimension], self.windows[dimension]) * self.overlap_efficiency
         return total - hidden
 
     @property
@@ -177,11 +182,11 @@ def _add_gemm(prediction: Prediction, gemm: Gemm, tokens: float, micro_steps: in
 
 def predict(config: ModelConfig, shape: GridShape, global_batch: int, seq_len: int, machine: MachineProfile,
             zero1: bool = False, micro_batch: int = 1, value_bytes: int = ACTIVATION_BYTES,
-            overlap: bool = True, regather: bool = True) -> Prediction:
+            overlap: bool = True, regather: bool = False) -> Prediction:
     """Step time and memory per device of one grid (bf16 compute, fp32 master weights and AdamW state); each batch
     rank runs its share as micro-batches of `micro_batch` sequences (gradient accumulation). value_bytes is the
     width of activations and gathered weights: 2 for bf16 training, 4 for fp32."""
-    prediction = Prediction(shape, overlap=overlap, regather=regather)
+    prediction = Prediction(shape, overlap=overlap, overlap_efficiency=machine.overlap_efficiency, regather=regather)
     tokens = global_batch * seq_len
     micro_steps = max(global_batch // (shape.data * shape.depth * micro_batch), 1)
     for gemm in model_gemms(config):
@@ -244,7 +249,7 @@ def valid_grids(config: ModelConfig, devices: int, global_batch: int, micro_batc
 
 
 def plan(config: ModelConfig, devices: int, global_batch: int, seq_len: int, machine: MachineProfile,
-         zero1: bool = False, micro_batch: int = 1, overlap: bool = True, regather: bool = True) -> list[Prediction]:
+         zero1: bool = False, micro_batch: int = 1, overlap: bool = True, regather: bool = False) -> list[Prediction]:
     """Valid grids ranked: those that fit in memory first, each group by predicted step time."""
     grids = valid_grids(config, devices, global_batch, micro_batch)
     if not grids:
