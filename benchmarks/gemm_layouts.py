@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from tetra.config import GoldfishConfig
+from tetra.devices import synchronize
 from tetra.model import ModelConfig, Transformer
 from tetra.parallel.gemm_layout import (
     GEMM_LAYOUTS,
@@ -113,20 +114,15 @@ class TrainingStep:
 
     def seconds(self) -> float:
         """One step: forward, backward, AdamW."""
-        _synchronize(self.device)
+        synchronize(self.device)
         start = time.perf_counter()
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             self.replica.accumulate(self.model, [self.tokens], GoldfishConfig())
         self.replica.finish_backward(self.model, 1.0, self.optimizer)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        _synchronize(self.device)
+        synchronize(self.device)
         return time.perf_counter() - start
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def median_step_seconds(steps: dict[str, TrainingStep], count: int) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """Device and dtype choice from the environment: CUDA when present, else CPU; bf16 on GPUs, fp32 on CPUs.
 
-Entry points: resolve_device(name) and resolve_dtype(name, device).
+Entry points: resolve_device(name), resolve_dtype(name, device) and synchronize(device).
 """
 
 from __future__ import annotations
@@ -22,6 +22,12 @@ def resolve_device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise ConfigError(f"Device {name!r} is not a device name; use auto, cpu, cuda or cuda:N.") from None
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPUs, which run eagerly), so that a timer reads real time."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:

@@ -13,6 +13,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from tetra.devices import synchronize
 from tetra.parallel.launch import spawn_collect
 from tetra.train.metrics import measured_gemm_flops
 
@@ -75,8 +76,7 @@ def _collective_worker(rank: int, world: int, port: int, backend: str, out: str)
 def _synchronized(operation, device: torch.device):
     def run() -> None:
         operation()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
     return run
 
 

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from tetra.devices import synchronize
+
 OUT_IN, IN_OUT = "out_in", "in_out"
 GEMM_LAYOUTS = (OUT_IN, IN_OUT)
 # A layout must be this much faster than torch's own [out, in] to be used: smaller differences are within the
@@ -53,11 +55,6 @@ def weight_grad_gemm(grad_y: torch.Tensor, x: torch.Tensor, layout: str) -> torc
     return grad_y.t().matmul(x) if layout == OUT_IN else x.t().matmul(grad_y)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def best_seconds(functions: dict[str, Callable[[], object]], device: torch.device,
                  repeats: int = 5) -> dict[str, float]:
     """Best of `repeats` seconds for each function, the functions taking turns, so that a slow moment of the
@@ -67,10 +64,10 @@ def best_seconds(functions: dict[str, Callable[[], object]], device: torch.devic
     best = dict.fromkeys(functions, float("inf"))
     for _ in range(repeats):
         for name, function in functions.items():
-            _synchronize(device)
+            synchronize(device)
             start = time.perf_counter()
             function()
-            _synchronize(device)
+            synchronize(device)
             best[name] = min(best[name], time.perf_counter() - start)
     return best
 

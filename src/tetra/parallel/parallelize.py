@@ -25,6 +25,7 @@ from tetra.parallel.tensor_parallel import (
     TensorParallelLinear,
     TiedHead,
     VocabParallelEmbedding,
+    linear_weight_layout,
     vocab_parallel_cross_entropy,
 )
 from tetra.train.losses import IGNORE_INDEX
@@ -48,12 +49,8 @@ def _split_linears(model: Transformer) -> Iterator[tuple[nn.Module, str, bool]]:
 
 def linear_block_shapes(model: Transformer, grid: ProcessGrid) -> list[Shape]:
     """The [out, in] block of every split Linear on this grid (what its GEMMs multiply), in forward order."""
-    shapes = []
-    for owner, name, transposed in _split_linears(model):
-        out_features, in_features = getattr(owner, name).weight.shape
-        rows, cols = grid.size("row"), grid.size("col")
-        shapes.append((out_features // (cols if transposed else rows), in_features // (rows if transposed else cols)))
-    return shapes
+    return [linear_weight_layout(getattr(owner, name).weight.shape, transposed).block_shape(grid)
+            for owner, name, transposed in _split_linears(model)]
 
 
 def parallelize(model: Transformer, grid: ProcessGrid, overlap: bool = True,

@@ -47,6 +47,13 @@ class _DepthGather(torch.autograd.Function):
         return reduce_scatter_flat(grad.contiguous(), ctx.group), None
 
 
+def linear_weight_layout(weight_shape: tuple[int, ...], transposed: bool, gemm_layout: str = OUT_IN) -> Layout:
+    """Where a split Linear's W [out, in] lives: out-features over rows and in-features over columns ('transposed'
+    layers the other way round), the block sharded over depth and stored in its GEMM layout."""
+    return Layout(tuple(weight_shape), row_dim=1 if transposed else 0, col_dim=0 if transposed else 1, depth=True,
+                  transposed=gemm_layout != OUT_IN)
+
+
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype F.linear would compute in here: autocast's when it is on, else the input's."""
     if torch.is_autocast_enabled(x.device.type):
@@ -107,8 +114,7 @@ class TensorParallelLinear(nn.Module):
         self.in_group = grid.groups["row" if transposed else "col"]
         self.out_group = grid.groups["col" if transposed else "row"]
         # W is [out, in]: normally out over rows and in over columns; transposed layers swap the two roles.
-        weight_layout = Layout(tuple(linear.weight.shape), row_dim=1 if transposed else 0,
-                               col_dim=0 if transposed else 1, depth=True, transposed=gemm_layout != OUT_IN)
+        weight_layout = linear_weight_layout(linear.weight.shape, transposed, gemm_layout)
         self.stored_shape = weight_layout.stored_block_shape(grid)
         self.weight = sharded_parameter(linear.weight.data, weight_layout, grid)
         if self.depth_group is not None:
