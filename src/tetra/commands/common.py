@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tetra.data.gguf_tokenizer import load_tokenizer
 from tetra.data.tokenizer import TextTokenizer
 from tetra.devices import resolve_device, resolve_dtype
 from tetra.model import Transformer
@@ -24,7 +25,7 @@ def print_json(value: Any) -> None:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The model folder and how to load it: tokenizer location, device, dtype."""
-    parser.add_argument("model", help="tetra checkpoint folder or Hugging Face model folder")
+    parser.add_argument("model", help="tetra checkpoint folder, Hugging Face model folder or .gguf file")
     parser.add_argument("--tokenizer", help="tokenizer folder, if not the model folder")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default="auto", choices=["auto", "keep", "float32", "bfloat16", "float16"])
@@ -32,6 +33,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Transformer, TextTokenizer]:
     """(model, tokenizer) as add_model_arguments asked for."""
-    tokenizer = TextTokenizer.load(Path(args.tokenizer or args.model))
+    tokenizer = load_tokenizer(Path(args.tokenizer or args.model))
     device = resolve_device(args.device)
     return load_model(args.model, dtype=resolve_dtype(args.dtype, device), device=device), tokenizer

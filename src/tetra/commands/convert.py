@@ -1,4 +1,5 @@
-"""`tetra convert from-hf | to-hf`: move models between Hugging Face folders and tetra checkpoints.
+"""`tetra convert from-hf | to-hf | from-gguf`: move models between Hugging Face folders, tetra checkpoints and
+GGUF files (read only: dequantized).
 
 Entry point: register(subparsers).
 """
@@ -7,18 +8,23 @@ from __future__ import annotations
 
 import argparse
 import re
+import tempfile
 from pathlib import Path
 
 import torch
 
 from tetra.commands.common import print_json
+from tetra.data.gguf_tokenizer import load_tokenizer
 from tetra.devices import resolve_dtype
-from tetra.errors import ConfigError
+from tetra.errors import CheckpointError, ConfigError
+from tetra.model import Transformer
+from tetra.model.gguf_io import is_gguf_file
 from tetra.model.io import load_model, save_hf_model, save_model
 
 EXAMPLES = """examples:
   tetra convert from-hf ./Qwen2.5-0.5B ./checkpoints/qwen-0.5b
   tetra convert to-hf runs/demo/checkpoints/final ./demo-hf     (then AutoModelForCausalLM.from_pretrained)
+  tetra convert from-gguf SmolLM2-135M-Instruct.Q4_1.gguf ./smollm2 --to-hf
 """
 
 
@@ -34,7 +40,7 @@ def parse_size(text: str) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("convert", help="convert between Hugging Face folders and tetra checkpoints",
                                    epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    directions = parser.add_subparsers(dest="direction", required=True, metavar="{from-hf,to-hf}")
+    directions = parser.add_subparsers(dest="direction", required=True, metavar="{from-hf,to-hf,from-gguf}")
     from_hf = directions.add_parser("from-hf", help="Hugging Face folder -> tetra checkpoint", epilog=EXAMPLES,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     from_hf.add_argument("source", help="folder with config.json and *.safetensors")
@@ -44,19 +50,47 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     to_hf.add_argument("source", help="tetra checkpoint folder (or a Hugging Face folder, to re-shard or re-type)")
     to_hf.add_argument("out", help="new Hugging Face folder")
     to_hf.add_argument("--max-shard-size", default="5GB", help="split weights into files of at most this size")
-    for sub in (from_hf, to_hf):
-        sub.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16", "float16"])
+    from_gguf = directions.add_parser("from-gguf", help="GGUF file -> tetra checkpoint or Hugging Face folder",
+                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from_gguf.add_argument("source", help="a .gguf model file (llama or qwen2 architecture, any dequantizable type)")
+    from_gguf.add_argument("out", help="new tetra checkpoint folder (or Hugging Face folder with --to-hf)")
+    from_gguf.add_argument("--to-hf", action="store_true", help="write a Hugging Face folder instead")
+    from_gguf.add_argument("--max-shard-size", default="5GB", help="with --to-hf: files of at most this size")
+    for sub in (from_hf, to_hf, from_gguf):
+        keep = "float32" if sub is from_gguf else "keep"  # GGUF weights are dequantized to fp32 unless asked
+        sub.add_argument("--dtype", default=keep, choices=["keep", "float32", "bfloat16", "float16"])
         sub.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
         sub.add_argument("--json", action="store_true", help="print what was written as JSON")
         sub.set_defaults(handler=run)
 
 
+def _from_gguf(args: argparse.Namespace, dtype: torch.dtype | None) -> tuple[Transformer, Path]:
+    source = Path(args.source)
+    if not is_gguf_file(source):
+        raise CheckpointError(f"{source} is not a GGUF file (it must exist and start with the GGUF magic bytes). "
+                              "Pass the path of a .gguf model file.")
+    tokenizer = load_tokenizer(source)  # before the weights: a tokenizer tetra cannot rebuild fails fast
+    model = load_model(source, dtype=dtype or torch.float32)
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer.save(scratch)
+        if args.to_hf:
+            out = save_hf_model(model, args.out, tokenizer_from=scratch, overwrite=args.overwrite,
+                                max_shard_bytes=parse_size(args.max_shard_size))
+        else:
+            out = save_model(model, args.out, tokenizer_from=scratch, overwrite=args.overwrite)
+    return model, out
+
+
 def run(args: argparse.Namespace) -> int:
     # Conversion only moves tensors, so it runs on the CPU whatever the machine has.
-    model = load_model(args.source, dtype=resolve_dtype(args.dtype, torch.device("cpu")))
-    if args.direction == "from-hf":
+    dtype = resolve_dtype(args.dtype, torch.device("cpu"))
+    if args.direction == "from-gguf":
+        model, out = _from_gguf(args, dtype)
+    elif args.direction == "from-hf":
+        model = load_model(args.source, dtype=dtype)
         out = save_model(model, args.out, tokenizer_from=args.source, overwrite=args.overwrite)
     else:
+        model = load_model(args.source, dtype=dtype)
         out = save_hf_model(model, args.out, tokenizer_from=args.source, overwrite=args.overwrite,
                             max_shard_bytes=parse_size(args.max_shard_size))
     files = sorted(path.name for path in Path(out).iterdir())

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from tetra.data.gguf_tokenizer import load_tokenizer
 from tetra.data.shards import FORMAT_VERSION, META, ShardWriter, token_dtype
 from tetra.data.sources import iter_documents
-from tetra.data.tokenizer import TextTokenizer
 from tetra.errors import DataError
 from tetra.files import atomic_directory, write_json
 
@@ -40,7 +40,7 @@ def prepare_data(source: str, tokenizer_folder: str | Path, out: str | Path, tex
     """Tokenize every document of `source`; the same inputs always give byte-identical files."""
     if not 0 <= val_fraction < 1:
         raise DataError(f"--val-fraction must be in [0, 1) (got {val_fraction}).")
-    tokenizer = TextTokenizer.load(tokenizer_folder)
+    tokenizer = load_tokenizer(tokenizer_folder)
     if tokenizer.eos_id is None:
         raise DataError(f"The tokenizer in {tokenizer_folder} has no eos_token; documents need one between them. "
                         "Set eos_token in its tokenizer_config.json.")

@@ -14,6 +14,7 @@ import torch
 from tetra.errors import CheckpointError, ConfigError
 from tetra.files import atomic_directory, read_json, write_json
 from tetra.model.config import ModelConfig
+from tetra.model.gguf_io import is_gguf_file, read_gguf, read_gguf_config
 from tetra.model.hf_config import from_hf_config, to_hf_config
 from tetra.model.hf_weights import hf_to_tetra_state, normalize_hf_names, tetra_to_hf_state
 from tetra.model.safetensors_io import read_tensors, write_tensors
@@ -28,14 +29,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def read_model_config(path: str | Path) -> ModelConfig:
-    """The ModelConfig of a tetra checkpoint (model_config.json) or a Hugging Face folder (config.json)."""
+    """The ModelConfig of a tetra checkpoint (model_config.json), a Hugging Face folder (config.json) or a GGUF
+    file."""
     folder = Path(path)
+    if is_gguf_file(folder):
+        return read_gguf_config(folder)
     if not folder.exists():
         raise CheckpointError(f"{folder} does not exist. Pass a tetra checkpoint folder or a Hugging Face "
                               "model folder.")
     if not folder.is_dir():
-        raise CheckpointError(f"{folder} is a file; pass the folder that holds config.json (Hugging Face) or "
-                              f"{TETRA_CONFIG} (tetra checkpoint).")
+        raise CheckpointError(f"{folder} is a file but not a GGUF model; pass the folder that holds config.json "
+                              f"(Hugging Face) or {TETRA_CONFIG} (tetra checkpoint), or a .gguf file.")
     if (folder / TETRA_CONFIG).is_file():
         values = read_json(folder / TETRA_CONFIG, "tetra model configuration")
         return ModelConfig.from_dict(values)
@@ -101,8 +105,12 @@ def _materialize(model: Transformer, state: dict[str, torch.Tensor]) -> Transfor
 
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
-    """A ready-to-run Transformer (eval mode) from a tetra checkpoint or a Hugging Face folder."""
+    """A ready-to-run Transformer (eval mode) from a tetra checkpoint, a Hugging Face folder or a GGUF file
+    (dequantized)."""
     folder = Path(path)
+    if is_gguf_file(folder):
+        source = read_gguf(folder, dtype or torch.float32)
+        return _materialize(_empty_model(source.config), source.tensors).to(device).eval()
     config = read_model_config(folder)
     model = _empty_model(config)
     if (folder / TETRA_CONFIG).is_file():
