@@ -105,10 +105,8 @@ def tiny_hf_model(family: str, vocab_size: int, tied: bool = False, seed: int = 
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
                   tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0, pad_token_id=1)
     torch.manual_seed(seed)
-    if family == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**values))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**values))
+    classes = (Qwen2ForCausalLM, Qwen2Config) if family == "qwen2" else (LlamaForCausalLM, LlamaConfig)
+    model = classes[0](classes[1](**values))
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name.endswith("bias") or "norm" in name:

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from tetra.config import GoldfishConfig
+from tetra.data.batch import Batch
 from tetra.model import ModelConfig, Transformer
 from tetra.parallel.collectives import all_reduce
 from tetra.parallel.gemm_layout import OUT_IN
@@ -63,12 +64,28 @@ def _reference_and_parallel(model_name: str, grid: ProcessGrid, gemm_layout: str
     return model, parallelize(copy.deepcopy(model), grid, gemm_layouts=layouts)
 
 
+def _packed(tokens: torch.Tensor) -> Batch:
+    """Rows of three packed documents each (boundaries differ per row), with a random loss mask that, as the
+    loader's, never crosses a boundary."""
+    rows, width = tokens.shape[0], tokens.shape[1] - 1
+    index = torch.arange(width + 1)
+    documents = torch.stack([(index >= 2 + row % 3).long() + (index >= 6 + row % 2).long() for row in range(rows)])
+    trained = torch.rand(rows, width, generator=torch.Generator().manual_seed(2)) < 0.7
+    return Batch(tokens, trained & (documents[:, 1:] == documents[:, :-1]), documents[:, :-1])
+
+
+def _chunk(batch: Batch, parts: int) -> list[Batch]:
+    return [Batch(*pieces) for pieces in zip(batch.tokens.chunk(parts), batch.loss_mask.chunk(parts),
+                                             batch.document_ids.chunk(parts), strict=True)]
+
+
 def _check(model_name: str, shape: GridShape, zero1: bool = False, goldfish_k: int = 0,
-           gemm_layout: str = OUT_IN) -> dict:
+           gemm_layout: str = OUT_IN, packed: bool = False) -> dict:
     """zero1: optimizer state sharded over data; gradients then live in slices, so the loss, the global norm and
     the parameters after every step are what is compared. goldfish_k: both sides train through Replica.accumulate
     (the trainer's step) with the goldfish loss, two micro-batches per step. gemm_layout: how the grid's Linear
-    blocks are stored (in_out: transposed, so every GEMM and the depth shards run the other way round)."""
+    blocks are stored (in_out: transposed, so every GEMM and the depth shards run the other way round). packed:
+    rows of packed documents with a loss mask, through Replica.accumulate on both sides."""
     grid = ProcessGrid.build(shape)
     reference, parallel = _reference_and_parallel(model_name, grid, gemm_layout)
     vocab = MODELS[model_name]["vocab_size"]
@@ -84,9 +101,14 @@ def _check(model_name: str, shape: GridShape, zero1: bool = False, goldfish_k: i
     par_optimizer = ZeroOptimizer([{"params": list(parallel.parameters())}], grid, adamw) if zero1 else \
         adamw(parallel.parameters())
     result = {"model": model_name, "grid": shape.__dict__, "zero1": zero1, "goldfish_k": goldfish_k,
-              "gemm_layout": gemm_layout, "grad_error": 0.0, "grad_names_match": True}
+              "gemm_layout": gemm_layout, "packed": packed, "grad_error": 0.0, "grad_names_match": True}
     for step in range(STEPS):
-        if goldfish_k:
+        if packed:
+            batches = _chunk(_packed(tokens), grid.size("batch"))
+            ref_value = Replica(None).accumulate(reference, _chunk(_packed(tokens), 2), GoldfishConfig()).loss
+            local_batch = batches[grid.index("batch")]
+            global_loss = Replica(grid).accumulate(parallel, _chunk(local_batch, 2), GoldfishConfig()).loss
+        elif goldfish_k:
             goldfish = GoldfishConfig(k=goldfish_k, context=3)
             ref_value = Replica(None).accumulate(reference, list(tokens.chunk(2)), goldfish).loss
             global_loss = Replica(grid).accumulate(parallel, list(local.chunk(2)), goldfish).loss

@@ -9,6 +9,7 @@ layout).
 from __future__ import annotations
 
 from parallel_worker import check_grids
+from tetra.parallel.gemm_layout import OUT_IN
 from tetra.parallel.launch import spawn_collect
 
 TOLERANCE = 1e-5
@@ -22,7 +23,7 @@ def _run(world: int, grids: list[dict], extra_cases: tuple = ()) -> list[dict]:
 def _assert_equal(results: list[dict]) -> None:
     for result in results:
         label = (f"{result['model']} {result['grid']} zero1={result['zero1']} goldfish={result['goldfish_k']} "
-                 f"layout={result['gemm_layout']}")
+                 f"layout={result['gemm_layout']} packed={result['packed']}")
         assert result["grad_names_match"], label
         for key in ("loss_error", "grad_error", "norm_error", "param_error"):
             assert result[key] <= TOLERANCE, f"{label}: {key} = {result[key]:.2e}"
@@ -43,7 +44,11 @@ def test_four_rank_grids():
     transposed = [("llama", dict(depth=2, col=2), False, 0, "in_out"),
                   ("gpt2", dict(depth=2, row=2), False, 0, "in_out"),
                   ("llama", dict(data=2, depth=2), True, 0, "in_out")]
-    _assert_equal(_run(4, grids, extra_cases=goldfish + transposed))
+    # Packed documents with a loss mask (chat data): block-diagonal attention, restarting learned positions, the
+    # loss normalized over the trained targets of both micro-batches and every rank.
+    packed = [("gpt2", dict(data=2, row=2), False, 0, OUT_IN, True), ("llama", dict(depth=2, col=2), False, 0,
+                                                                     OUT_IN, True)]
+    _assert_equal(_run(4, grids, extra_cases=goldfish + transposed + packed))
 
 
 def test_eight_rank_grids():

@@ -34,6 +34,8 @@ class DataConfig:
     path: str = ""  # folder written by `tetra data prepare`
     seq_len: int = 256  # tokens per training sequence
     seed: int = 0  # order of the sequences; the same seed gives the same batches
+    packing: str = "auto"  # stream (cut sequences from the joined text) | documents (whole documents per row, no
+    # attention or loss across them) | auto (documents for data with a loss mask, i.e. chat data; else stream)
 
 
 @dataclass
@@ -258,6 +260,7 @@ def validate_run_config(config: RunConfig, explicit_model: dict[str, Any]) -> li
         problems.append(f"train.warmup_steps must be in [0, train.max_steps] (got {train.warmup_steps})")
     _choice(problems, "train.schedule", train.schedule, ("cosine", "wsd", "linear", "constant"))
     _choice(problems, "train.precision", train.precision, ("auto", "fp32", "bf16"))
+    _choice(problems, "data.packing", data.packing, ("auto", "stream", "documents"))
     problems += train.goldfish.problems()
     if not data.path:
         problems.append("data.path is empty: set it to a folder made by `tetra data prepare`")

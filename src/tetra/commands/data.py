@@ -1,4 +1,5 @@
-"""`tetra data prepare`: tokenize a source into memory-mapped shards for training.
+"""`tetra data prepare` and `tetra data inspect`: tokenize a source (text, or conversations with a loss mask) into
+memory-mapped shards for training, and show what a prepared dataset trains on.
 
 Entry point: register(subparsers).
 """
@@ -8,37 +9,82 @@ from __future__ import annotations
 import argparse
 
 from tetra.commands.common import print_json
+from tetra.data.chat import FORMATS, TRAIN_ON
+from tetra.data.inspect import inspect_records
 from tetra.data.prepare import prepare_data
+from tetra.data.prepare_chat import TOO_LONG, ChatOptions
 
 EXAMPLES = """examples:
   tetra data prepare stdlib --tokenizer tokenizers/stdlib-4k --out data/stdlib
   tetra data prepare "corpus/*.jsonl" --text-field content --tokenizer ./Llama-3.2-1B --out data/corpus
+  tetra data prepare chats.jsonl --format chat --tokenizer ./smollm2 --out data/sft --max-length 1024
+  tetra data prepare alpaca.jsonl --format alpaca --tokenizer ./smollm2 --out data/alpaca --train-on all
+"""
+INSPECT_EXAMPLES = """examples:
+  tetra data inspect data/sft --records 3          (each token beside 1 = trained, . = not trained)
 """
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("data", help="prepare training data")
-    actions = parser.add_subparsers(dest="action", required=True, metavar="{prepare}")
-    prepare = actions.add_parser("prepare", help="tokenize documents into token shards", epilog=EXAMPLES,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser("data", help="prepare and inspect training data")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="{prepare,inspect}")
+    prepare = actions.add_parser("prepare", help="tokenize documents or conversations into token shards",
+                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     prepare.add_argument("source", help="file, folder, glob (.txt, .jsonl, .parquet, ...) or 'stdlib'")
-    prepare.add_argument("--tokenizer", required=True, help="folder with tokenizer.json (a tokenizer or a model)")
+    prepare.add_argument("--tokenizer", required=True,
+                         help="folder with tokenizer.json (a tokenizer or a model), or a .gguf model file")
     prepare.add_argument("--out", required=True, help="output folder")
+    prepare.add_argument("--format", default="text", choices=FORMATS,
+                         help="text: plain documents; chat: {messages: [{role, content}]}; alpaca: {instruction, "
+                              "input, output}; sharegpt: {conversations: [{from, value}]}")
+    prepare.add_argument("--train-on", default="assistant", choices=TRAIN_ON,
+                         help="which tokens of a conversation the loss trains on")
+    prepare.add_argument("--max-length", type=int, default=0,
+                         help="tokens per conversation at most (0 = no limit); train with data.seq_len >= this - 1")
+    prepare.add_argument("--too-long", default="drop", choices=TOO_LONG, help="what happens to longer conversations")
+    prepare.add_argument("--skip-bad-records", action="store_true",
+                         help="count and skip malformed records instead of stopping at the first")
     prepare.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet records")
     prepare.add_argument("--val-fraction", type=float, default=0.01, help="documents held out for validation")
     prepare.add_argument("--shard-tokens", type=int, default=2**27, help="tokens per shard file")
     prepare.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     prepare.add_argument("--json", action="store_true", help="print meta.json")
     prepare.set_defaults(handler=run)
+    inspect = actions.add_parser("inspect", help="print a prepared dataset's tokens beside their loss mask",
+                                 epilog=INSPECT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    inspect.add_argument("folder", help="a folder written by `tetra data prepare`")
+    inspect.add_argument("--records", type=int, default=3, help="how many documents to show")
+    inspect.add_argument("--split", default="train", choices=["train", "val"])
+    inspect.add_argument("--json", action="store_true", help="print the records as JSON")
+    inspect.set_defaults(handler=run_inspect)
 
 
 def run(args: argparse.Namespace) -> int:
+    chat = None
+    if args.format != "text":
+        chat = ChatOptions(args.format, args.train_on, args.max_length, args.too_long, args.skip_bad_records)
     meta = prepare_data(args.source, args.tokenizer, args.out, args.text_field, args.val_fraction,
-                        args.shard_tokens, args.overwrite, show_progress=not args.json)
+                        args.shard_tokens, args.overwrite, show_progress=not args.json, chat=chat)
     if args.json:
         print_json(meta)
     else:
         splits = meta["splits"]
+        trained = f", {meta['records']['trained_tokens']:,} trained tokens" if chat is not None else ""
         print(f"wrote {args.out}: {splits['train']['tokens']:,} training tokens ({splits['train']['documents']} "
-              f"documents), {splits['val']['tokens']:,} validation tokens ({splits['val']['documents']} documents)")
+              f"documents), {splits['val']['tokens']:,} validation tokens ({splits['val']['documents']} documents)"
+              + trained)
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    records = inspect_records(args.folder, args.records, args.split)
+    if args.json:
+        print_json([{"tokens": [piece for piece, _, _ in record], "ids": [token for _, token, _ in record],
+                     "trained": [trained for _, _, trained in record]} for record in records])
+        return 0
+    for number, record in enumerate(records):
+        trained = sum(flag for _, _, flag in record)
+        print(f"--- document {number}: {len(record)} tokens, {trained} trained")
+        for piece, token, flag in record:
+            print(f"{'1' if flag else '.'} {token:>7} {piece!r}")
     return 0

@@ -1,6 +1,7 @@
 """Documents from .txt / .jsonl / .parquet files, folders and globs, and the built-in `stdlib` corpus.
 
-Entry point: iter_documents(source, text_field) yields one string per document, in a fixed order.
+Entry points: iter_documents(source, text_field) yields one string per document, in a fixed order;
+iter_records(source) yields each JSON record with where it came from (for chat data).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from tetra.errors import DataError
 
@@ -56,6 +58,27 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
                 raise DataError(f"{path}, line {number}: no string field {text_field!r}. Choose the field that "
                                 "holds the text (--text-field).")
             yield record[text_field]
+
+
+def iter_records(source: str) -> Iterator[tuple[str, Any]]:
+    """(location 'file, line N', record) for every non-blank line of the source's .jsonl files; a line that is not
+    JSON yields a RecordLineError in place of the record, so the caller decides whether to stop or count it."""
+    files = [path for path in source_files(source) if path.suffix == ".jsonl"]
+    if not files:
+        raise DataError(f"{source!r} holds no .jsonl file; chat, alpaca and sharegpt data are JSON lines.")
+    for path in files:
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{path}, line {number}", json.loads(line)
+                except json.JSONDecodeError as error:
+                    yield f"{path}, line {number}", RecordLineError(f"not valid JSON ({error.msg})")
+
+
+class RecordLineError(DataError):
+    """A .jsonl line that could not be parsed."""
 
 
 def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:

@@ -46,6 +46,24 @@ def positions_for(
     return counted[:, cache_start:].clamp(min=0)
 
 
+def packed_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """For [B, T] ids of the packed document each token belongs to, its position within that document."""
+    index = torch.arange(document_ids.shape[1], device=document_ids.device).expand_as(document_ids)
+    previous = torch.nn.functional.pad(document_ids, (1, 0), value=-2)[:, :-1]
+    starts = torch.where(document_ids != previous, index, torch.zeros_like(index))
+    return index - starts.cummax(dim=-1).values
+
+
+def packed_attention_mask(document_ids: torch.Tensor, sliding_window: int) -> torch.Tensor:
+    """Boolean [B, 1, T, T]: causal attention that never crosses from one packed document into another."""
+    length = document_ids.shape[1]
+    index = torch.arange(length, device=document_ids.device)
+    allowed = (index[None, :] <= index[:, None])[None] & (document_ids[:, :, None] == document_ids[:, None, :])
+    if sliding_window:
+        allowed = allowed & (index[None, :] > index[:, None] - sliding_window)[None]
+    return allowed[:, None]
+
+
 class Transformer(nn.Module):
     """A decoder-only language model covering the Llama, Qwen2, Mistral, GPT-2 and OPT layouts."""
 
@@ -89,14 +107,19 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         cache_start: int = 0,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states [B, T, hidden].
 
         attention_mask marks real tokens (1) vs padding (0) over cache + new tokens, shape [B, cache_start + T].
+        document_ids [B, T] (training on packed documents): positions restart at each document and attention stays
+        inside it, so each document is computed exactly as if it were alone.
         """
         batch, length = input_ids.shape
         device = input_ids.device
-        if position_ids is None:
+        if document_ids is not None:
+            position_ids = packed_positions(document_ids) if position_ids is None else position_ids
+        elif position_ids is None:
             position_ids = positions_for(batch, length, cache_start, attention_mask, device)
         x = self.embed(input_ids)
         rotary = None
@@ -105,7 +128,10 @@ class Transformer(nn.Module):
         else:
             rotary = self.rotary(position_ids, x.dtype)
         x = self.embed_dropout(x)
-        mask = attention_mask_for(length, cache_start, attention_mask, self.config.sliding_window, device)
+        if document_ids is not None:
+            mask = packed_attention_mask(document_ids, self.config.sliding_window)
+        else:
+            mask = attention_mask_for(length, cache_start, attention_mask, self.config.sliding_window, device)
         for block in self.blocks:
             x = block(x, rotary, mask, kv_cache, cache_start)
         return self.norm(x)
@@ -118,9 +144,10 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
         cache_start: int = 0,
         last_only: bool = False,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] (or [B, 1, vocab] with last_only, which is all sampling needs)."""
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache, cache_start)
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache, cache_start, document_ids)
         if last_only:
             hidden = hidden[:, -1:]
         return self.head(hidden)

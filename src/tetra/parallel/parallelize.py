@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
+from tetra.data.batch import IGNORE_INDEX, Batch, as_batch
 from tetra.model import Transformer
 from tetra.parallel.collectives import all_reduce
 from tetra.parallel.gemm_layout import OUT_IN, Shape
@@ -28,7 +29,6 @@ from tetra.parallel.tensor_parallel import (
     linear_weight_layout,
     vocab_parallel_cross_entropy,
 )
-from tetra.train.losses import IGNORE_INDEX
 
 
 def _split_linears(model: Transformer) -> Iterator[tuple[nn.Module, str, bool]]:
@@ -134,12 +134,14 @@ def full_state_dict(model: nn.Module, grid: ProcessGrid, gradients: bool = False
     return state
 
 
-def parallel_token_losses(model: Transformer, tokens: torch.Tensor, grid: ProcessGrid) -> torch.Tensor:
+def parallel_token_losses(model: Transformer, tokens: torch.Tensor | Batch, grid: ProcessGrid) -> torch.Tensor:
     """Per-token next-token losses [B, T] of a [B, T + 1] batch, from the vocabulary-parallel logits."""
-    return vocab_parallel_cross_entropy(model(tokens[:, :-1]), tokens[:, 1:], grid, IGNORE_INDEX)
+    batch = as_batch(tokens)
+    extra = {} if batch.document_ids is None else {"document_ids": batch.document_ids}
+    return vocab_parallel_cross_entropy(model(batch.inputs, **extra), batch.labels, grid, IGNORE_INDEX)
 
 
-def parallel_next_token_loss(model: Transformer, tokens: torch.Tensor, grid: ProcessGrid,
+def parallel_next_token_loss(model: Transformer, tokens: torch.Tensor | Batch, grid: ProcessGrid,
                              global_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to backpropagate, this rank's loss sum). Dividing by the global label count makes the gradients,
     summed over the batch group, those of the mean loss over the whole global batch."""

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tetra.data.batch import IGNORE_INDEX
 from tetra.model import Transformer
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "per_token_loss", "next_token_loss", "split_loss", "LossSums"]
 
 
 def per_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

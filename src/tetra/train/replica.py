@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from tetra.config import GoldfishConfig
+from tetra.data.batch import Batch, as_batch
 from tetra.model import Transformer
 from tetra.parallel.collectives import all_reduce
 from tetra.parallel.grid import ProcessGrid
@@ -55,30 +56,34 @@ class Replica:
             self._buckets_built = True
         schedule.arm()
 
-    def token_losses(self, model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    def token_losses(self, model: torch.nn.Module, tokens: torch.Tensor | Batch) -> torch.Tensor:
         """Per-token next-token losses [B, T] of this rank's [B, T + 1] batch (0 at ignored labels)."""
-        if not self.splits_model:
-            return per_token_loss(model(tokens[:, :-1]), tokens[:, 1:])
-        return parallel_token_losses(model, tokens, self.grid)
+        if self.splits_model:
+            return parallel_token_losses(model, tokens, self.grid)
+        batch = as_batch(tokens)
+        extra = {} if batch.document_ids is None else {"document_ids": batch.document_ids}
+        return per_token_loss(model(batch.inputs, **extra), batch.labels)
 
     def total(self, values: torch.Tensor) -> torch.Tensor:
         """Sum over every rank holding other samples (the batch group); a copy, the input is unchanged."""
         values = values.clone()
         return values if self.grid is None else all_reduce(values, self.grid.groups["batch"])
 
-    def accumulate(self, model: torch.nn.Module, batches: list[torch.Tensor], goldfish: GoldfishConfig,
+    def accumulate(self, model: torch.nn.Module, batches: list[torch.Tensor | Batch], goldfish: GoldfishConfig,
                    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> StepLoss:
         """Forward and backward over the micro-batches of one step. Every kept token of the global batch weighs the
         same: each micro-batch's summed loss is divided by the global count of kept tokens, known up front because
-        the goldfish mask depends on the tokens alone."""
-        drops = [goldfish_drop_mask(tokens, goldfish) for tokens in batches]
+        the goldfish mask and the loss mask depend on the tokens alone."""
+        batches = [as_batch(tokens) for tokens in batches]
+        drops = [goldfish_drop_mask(batch.tokens, goldfish) for batch in batches]
         counts = torch.zeros(2, dtype=torch.float64)  # kept, dropped
-        for tokens, drop in zip(batches, drops, strict=True):
-            labelled = tokens[:, 1:] != IGNORE_INDEX
+        for batch, drop in zip(batches, drops, strict=True):
+            labelled = batch.labels != IGNORE_INDEX
             dropped = 0 if drop is None else int((drop & labelled).sum())
             counts += torch.tensor([int(labelled.sum()) - dropped, dropped], dtype=torch.float64)
-        kept_total, dropped_total = (float(value) for value in self.total(counts.to(batches[0].device)))
-        sums = torch.zeros(2, device=batches[0].device)
+        device = batches[0].tokens.device
+        kept_total, dropped_total = (float(value) for value in self.total(counts.to(device)))
+        sums = torch.zeros(2, device=device)
         # DDP and FSDP2 average gradients over the ranks; the 4D grid and one process sum them.
         scale = 1.0 if self.strategy == "4d" or self.grid is None else float(self.grid.size("batch"))
         for index, (tokens, drop) in enumerate(zip(batches, drops, strict=True)):

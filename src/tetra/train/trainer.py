@@ -18,7 +18,9 @@ from typing import Any
 import torch
 
 from tetra.config import RunConfig
+from tetra.data.batch import as_batch
 from tetra.data.loader import PackedBatches
+from tetra.data.packing import DocumentBatches
 from tetra.data.shards import PreparedData
 from tetra.errors import CheckpointError, TetraError
 from tetra.files import write_json
@@ -68,8 +70,8 @@ class Loop:
     model: Transformer
     forward_model: torch.nn.Module  # the compiled model when train.compile is on
     optimizer: torch.optim.Optimizer | ZeroOptimizer
-    train_batches: PackedBatches
-    val_batches: PackedBatches | None
+    train_batches: PackedBatches | DocumentBatches
+    val_batches: PackedBatches | DocumentBatches | None
     autocast_dtype: torch.dtype | None
     precision_reason: str
     device: torch.device
@@ -104,19 +106,32 @@ class Loop:
         per_position = self.val_batches.batch_size * self.replica.batch_ranks
         available = -(-self.val_batches.num_sequences // per_position)  # no sequence counted twice
         for position in range(min(self.config.eval.batches, available)):
-            tokens = self.val_batches.batch(position).to(self.device)
+            batch = as_batch(self.val_batches.batch(position)).to(self.device)
             with self.autocast():
-                losses = self.replica.token_losses(self.forward_model, tokens)
-            sums += torch.stack([losses.sum().double(), (tokens[:, 1:] != IGNORE_INDEX).sum().double()])
+                losses = self.replica.token_losses(self.forward_model, batch)
+            sums += torch.stack([losses.sum().double(), (batch.labels != IGNORE_INDEX).sum().double()])
         self.model.train()
         loss_sum, labels = (float(value) for value in self.replica.total(sums))
         return loss_sum / max(labels, 1.0)
 
 
-def _open_batches(config: RunConfig, data: PreparedData,
-                  replica: Replica) -> tuple[PackedBatches, PackedBatches | None]:
-    """Each rank of the batch group (data x depth) reads its own disjoint share of every global batch."""
+Batches = PackedBatches | DocumentBatches
+
+
+def _open_batches(config: RunConfig, data: PreparedData, replica: Replica) -> tuple[Batches, Batches | None]:
+    """Each rank of the batch group (data x depth) reads its own disjoint share of every global batch; chat data
+    (and data.packing = documents) packs whole documents, plain text is cut from one stream."""
     share = dict(rank=replica.batch_rank, world_size=replica.batch_ranks)
+    packing = config.data.packing
+    if packing == "documents" or (packing == "auto" and data.has_loss_mask):
+        pad = dict(pad_id=int(data.meta.get("pad_id", data.eos_id)))
+        train = DocumentBatches(data.split("train"), config.data.seq_len, config.train.batch_size, config.data.seed,
+                                **share, **pad)
+        val = None
+        if data.meta["splits"]["val"]["documents"] > 0:
+            val = DocumentBatches(data.split("val"), config.data.seq_len, config.train.batch_size, shuffle=False,
+                                  **share, **pad)
+        return train, val
     train = PackedBatches(data.split("train"), config.data.seq_len, config.train.batch_size, config.data.seed, **share)
     val = None
     if data.meta["splits"]["val"]["tokens"] > config.data.seq_len:
