@@ -63,6 +63,34 @@ class GoldfishConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Which Linears get a low-rank adapter, and its shape ([lora] in a run config)."""
+
+    rank: int = 0  # r: the adapter's rank (0 = LoRA off: full fine-tuning)
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapter's input (training only)
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])  # or "all-linear"
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.rank < 0:
+            found.append(f"lora.rank must be 0 (off) or positive (got {self.rank})")
+        if not 0 <= self.dropout < 1:
+            found.append(f"lora.dropout must be in [0, 1) (got {self.dropout})")
+        if self.enabled and not self.targets:
+            found.append("lora.targets is empty: name the Linears to adapt (e.g. [\"q\", \"v\"] or [\"all-linear\"])")
+        return found
+
+
+@dataclass
 class TrainConfig:
     """The optimization loop."""
 
@@ -132,6 +160,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     run: RunSection = field(default_factory=RunSection)
 
     def to_dict(self) -> dict[str, Any]:
@@ -262,6 +291,11 @@ def validate_run_config(config: RunConfig, explicit_model: dict[str, Any]) -> li
     _choice(problems, "train.precision", train.precision, ("auto", "fp32", "bf16"))
     _choice(problems, "data.packing", data.packing, ("auto", "stream", "documents"))
     problems += train.goldfish.problems()
+    problems += config.lora.problems()
+    if config.lora.enabled and (config.parallel.strategy == "fsdp2" or any(
+            getattr(config.parallel, name) > 1 for name in ("depth", "row", "col")) or config.parallel.zero1):
+        problems.append("LoRA trains on one process or with parallel.strategy = \"ddp\" for now; the 4D grid's "
+                        "tensor dimensions, ZeRO-1 and FSDP2 do not split adapters yet")
     if not data.path:
         problems.append("data.path is empty: set it to a folder made by `tetra data prepare`")
     if config.init.preset and config.init.checkpoint:

@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tetra.adapters.peft_io import load_model_with_adapter
 from tetra.data.gguf_tokenizer import load_tokenizer
 from tetra.data.tokenizer import TextTokenizer
 from tetra.devices import resolve_device, resolve_dtype
 from tetra.model import Transformer
-from tetra.model.io import load_model
 
 
 def print_json(value: Any) -> None:
@@ -27,6 +27,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The model folder and how to load it: tokenizer location, device, dtype."""
     parser.add_argument("model", help="tetra checkpoint folder, Hugging Face model folder or .gguf file")
     parser.add_argument("--tokenizer", help="tokenizer folder, if not the model folder")
+    parser.add_argument("--adapter", help="a LoRA adapter folder (tetra or PEFT format) to apply to the model")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default="auto", choices=["auto", "keep", "float32", "bfloat16", "float16"])
 
@@ -35,4 +36,5 @@ def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Transformer, Tex
     """(model, tokenizer) as add_model_arguments asked for."""
     tokenizer = load_tokenizer(Path(args.tokenizer or args.model))
     device = resolve_device(args.device)
-    return load_model(args.model, dtype=resolve_dtype(args.dtype, device), device=device), tokenizer
+    model = load_model_with_adapter(args.model, args.adapter, dtype=resolve_dtype(args.dtype, device), device=device)
+    return model, tokenizer

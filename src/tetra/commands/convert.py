@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from tetra.adapters.peft_io import load_model_with_adapter
 from tetra.commands.common import print_json
 from tetra.data.gguf_tokenizer import load_tokenizer
 from tetra.devices import resolve_dtype
@@ -25,6 +26,7 @@ EXAMPLES = """examples:
   tetra convert from-hf ./Qwen2.5-0.5B ./checkpoints/qwen-0.5b
   tetra convert to-hf runs/demo/checkpoints/final ./demo-hf     (then AutoModelForCausalLM.from_pretrained)
   tetra convert from-gguf SmolLM2-135M-Instruct.Q4_1.gguf ./smollm2 --to-hf
+  tetra convert to-hf runs/sft-lora/checkpoints/step-0000200 ./sft-merged    (LoRA merged into its base)
 """
 
 
@@ -50,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     to_hf.add_argument("source", help="tetra checkpoint folder (or a Hugging Face folder, to re-shard or re-type)")
     to_hf.add_argument("out", help="new Hugging Face folder")
     to_hf.add_argument("--max-shard-size", default="5GB", help="split weights into files of at most this size")
+    to_hf.add_argument("--adapter", help="a LoRA adapter folder (tetra or PEFT) to merge into the model first")
     from_gguf = directions.add_parser("from-gguf", help="GGUF file -> tetra checkpoint or Hugging Face folder",
                                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     from_gguf.add_argument("source", help="a .gguf model file (llama or qwen2 architecture, any dequantizable type)")
@@ -89,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.direction == "from-hf":
         model = load_model(args.source, dtype=dtype)
         out = save_model(model, args.out, tokenizer_from=args.source, overwrite=args.overwrite)
-    else:
-        model = load_model(args.source, dtype=dtype)
+    else:  # a LoRA checkpoint (or --adapter) is merged into its base first
+        model = load_model_with_adapter(args.source, args.adapter, dtype=dtype)
         out = save_hf_model(model, args.out, tokenizer_from=args.source, overwrite=args.overwrite,
                             max_shard_bytes=parse_size(args.max_shard_size))
     files = sorted(path.name for path in Path(out).iterdir())

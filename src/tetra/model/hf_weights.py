@@ -1,6 +1,7 @@
 """Hugging Face tensor names <-> tetra tensor names, per family, including GPT-2's transposed and fused layouts.
 
-Entry points: normalize_hf_names, hf_to_tetra_state and tetra_to_hf_state.
+Entry points: normalize_hf_names, hf_to_tetra_state, tetra_to_hf_state, and hf_module_name / tetra_module_name for
+module-level names (adapters).
 """
 
 from __future__ import annotations
@@ -126,3 +127,28 @@ def tetra_to_hf_state(family: str, state: dict[str, torch.Tensor], tied: bool) -
 def _few(names: list[str], limit: int = 6) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _module_pattern(template: str) -> re.Pattern[str]:
+    return re.compile(re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)"))
+
+
+def _renamed_module(family: str, name: str, source: str, target: str) -> str | None:
+    for rule in RULES[family]:
+        if rule.kind != COPY:
+            continue
+        match = _module_pattern(getattr(rule, source)).fullmatch(name)
+        if match:
+            return getattr(rule, target).replace("{i}", match.groupdict().get("i") or "")
+    return None
+
+
+def hf_module_name(family: str, tetra_module: str) -> str | None:
+    """The Hugging Face name of a tetra module whose weight is stored as is (None for GPT-2's fused or transposed
+    Conv1D modules, which have no one-to-one counterpart)."""
+    return _renamed_module(family, tetra_module, "tetra", "hf")
+
+
+def tetra_module_name(family: str, hf_module: str) -> str | None:
+    """The inverse of hf_module_name."""
+    return _renamed_module(family, hf_module, "hf", "tetra")

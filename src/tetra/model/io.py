@@ -131,6 +131,10 @@ def read_model_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """Full weights of a tetra checkpoint: model.safetensors, or the shards a parallel run wrote."""
     if not (folder / "model.safetensors").is_file() and has_shards(folder):
         return read_sharded_tensors(folder, "model/")
+    if (folder / "adapter_config.json").is_file() and not (folder / "model.safetensors").is_file():
+        raise CheckpointError(f"{folder} holds a LoRA adapter, not a whole model. tetra's commands load it on its "
+                              "base by themselves; in Python use tetra.adapters.peft_io.load_model_with_adapter, or "
+                              "peft.PeftModel.from_pretrained(base, folder).")
     return read_tensors(folder)
 
 

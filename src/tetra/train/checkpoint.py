@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from tetra.adapters.lora import has_lora
+from tetra.adapters.peft_io import load_adapter_weights_into, save_peft_adapter
 from tetra.errors import CheckpointError
 from tetra.files import atomic_directory, read_json, write_json
 from tetra.model import Transformer
@@ -78,7 +80,7 @@ def save_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer: tor
     folder = checkpoint_folder(run_dir, step)
     if grid is None:
         with atomic_directory(folder, overwrite=True) as staging:
-            write_model_files(model, staging, tokenizer_from)
+            _write_weights(model, staging, tokenizer_from)
             write_tensors(_optimizer_tensors(model, optimizer), staging, stem="optimizer")
             _write_loop_files(staging, step, state, config_toml)
     else:
@@ -101,13 +103,24 @@ def save_replicated_checkpoint(run_dir: Path, step: int, model: Transformer, opt
     folder = checkpoint_folder(run_dir, step)
     if is_main_rank():
         with atomic_directory(folder, overwrite=True) as staging:
-            write_model_files(model, staging, tokenizer_from, state=weights)
+            _write_weights(model, staging, tokenizer_from, weights)
             write_tensors(optimizer_tensors, staging, stem="optimizer")
             _write_loop_files(staging, step, state, config_toml)
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     torch.distributed.barrier()
     return folder
+
+
+def _write_weights(model: Transformer, folder: Path, tokenizer_from: Path | None,
+                   weights: dict[str, torch.Tensor] | None = None) -> None:
+    """The model's weights; with LoRA, only the adapters (PEFT's format) beside the config, since the base is
+    unchanged and stays where init.checkpoint points."""
+    if has_lora(model):
+        write_model_files(model, folder, tokenizer_from, weights=False)
+        save_peft_adapter(model, folder, model.lora_config, model.lora_base)
+    else:
+        write_model_files(model, folder, tokenizer_from, state=weights)
 
 
 def _write_loop_files(folder: Path, step: int, state: dict[str, Any], config_toml: str) -> None:
@@ -166,6 +179,9 @@ def _check_sharded_shapes(folder: Path, model: Transformer) -> None:
 
 def _load_weights(model: Transformer, folder: Path, grid: ProcessGrid | None) -> None:
     """Full weights (safetensors or shards) into a single model, or cut into this rank's pieces."""
+    if has_lora(model):  # the base came from init.checkpoint; the checkpoint holds the adapters
+        load_adapter_weights_into(model, folder)
+        return
     if grid is None and not any(is_dtensor(parameter) for parameter in model.parameters()):  # FSDP2: pieces
         load_weights_into(model, folder)
         return

@@ -17,12 +17,13 @@ from typing import Any
 
 import torch
 
+from tetra.adapters.lora import apply_lora
 from tetra.config import RunConfig
 from tetra.data.batch import as_batch
 from tetra.data.loader import PackedBatches
 from tetra.data.packing import DocumentBatches
 from tetra.data.shards import PreparedData
-from tetra.errors import CheckpointError, TetraError
+from tetra.errors import CheckpointError, ConfigError, TetraError
 from tetra.files import write_json
 from tetra.model import Transformer
 from tetra.model.io import read_model_config
@@ -175,6 +176,11 @@ def build_loop(config: RunConfig, explicit_model: dict[str, Any]) -> tuple[Loop,
     replica = Replica(grid, zero1=config.parallel.zero1, strategy=strategy)
     train_batches, val_batches = _open_batches(config, data, replica)
     model, tokenizer_folder = build_model_for_run(config, explicit_model, data, device)
+    if config.lora.enabled:
+        if replica.splits_model:
+            raise ConfigError("LoRA does not run on the 4D grid yet (its layers would replace the adapted Linears). "
+                              "Launch with parallel.strategy=ddp for data parallelism, or on one process.")
+        apply_lora(model, config.lora, base=config.init.checkpoint or None)
     autocast_dtype, precision_reason = choose_autocast_dtype(config.train.precision, device)
     gemm_layouts: dict[str, str] = {}
     if replica.splits_model:

@@ -1,0 +1,128 @@
+"""LoRA (Hu et al. 2021): a frozen Linear W plus a trainable low-rank update, y = W x + (alpha / r) B A dropout(x),
+with A [r, in] drawn like a Linear's weight and B [out, r] zero, so training starts from the base model exactly.
+
+Applied from outside: apply_lora swaps the chosen nn.Linear modules of a Transformer for LoRALinear in place. A
+LoRALinear keeps the base module's own `weight` / `bias` Parameters under the same names, so the state dict still
+loads from and saves to every format; the adapter adds `lora_A.weight` and `lora_B.weight` beside them.
+
+Entry points: LoRAConfig, apply_lora(model, config), lora_state(model), merge_lora(model), has_lora(model).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tetra.config import LoRAConfig
+from tetra.errors import ConfigError
+
+# Short names of the Linears a Transformer has, and the Hugging Face names users also write.
+TARGET_ALIASES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
+                  "up_proj": "up", "down_proj": "down", "lm_head": "head"}
+ALL_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
+__all__ = ["LoRAConfig", "LoRALinear", "apply_lora", "has_lora", "lora_modules", "lora_state", "merge_lora"]
+
+
+class LoRALinear(nn.Linear):
+    """A frozen Linear with a trainable low-rank update beside it."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # the same Parameters: nothing is copied
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.rank, self.alpha = rank, alpha
+        self.scale = alpha / rank
+        device, dtype = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
+        if device.type != "meta":
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
+        self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scale
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + scale * B A, in the base weight's dtype."""
+        update = self.lora_B.weight.float() @ self.lora_A.weight.float()
+        return (self.weight.float() + self.scale * update).to(self.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
+
+
+def resolve_targets(targets: list[str]) -> set[str]:
+    """Short Linear names from what a user wrote (tetra names, Hugging Face names, or all-linear)."""
+    names: set[str] = set()
+    for target in targets:
+        if target == "all-linear":
+            names.update(ALL_LINEAR)
+        else:
+            names.add(TARGET_ALIASES.get(target, target))
+    return names
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Every nn.Linear in the model, by qualified name (what targets can match)."""
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
+            and not name.endswith(("lora_A", "lora_B"))]
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig, base: str | None = None) -> list[str]:
+    """Freeze every parameter, then give each targeted Linear an adapter; returns the adapted modules' names.
+    A target matches a Linear whose last name part equals it (q, up, ...) or whose full name equals it. The model
+    keeps the config and its base's location (model.lora_config, model.lora_base) for saving."""
+    wanted = resolve_targets(config.targets)
+    chosen = [name for name in linear_names(model) if name.rsplit(".", 1)[-1] in wanted or name in wanted]
+    if not chosen:
+        names = sorted({name.rsplit(".", 1)[-1] for name in linear_names(model)})
+        raise ConfigError(f"lora.targets = {config.targets} matches no layer of this model. Its Linear layers are "
+                          f"named {', '.join(names)} (Hugging Face names such as q_proj also work, and "
+                          "'all-linear' takes every attention and MLP projection).")
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for name in chosen:
+        owner_name, _, attribute = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        setattr(owner, attribute, LoRALinear(getattr(owner, attribute), config.rank, config.alpha, config.dropout))
+    model.lora_config, model.lora_base = config, base
+    return chosen
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(isinstance(module, LoRALinear) for module in model.modules())
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+
+
+def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors only ({module}.lora_A.weight, {module}.lora_B.weight), detached."""
+    state = {}
+    for name, module in lora_modules(model).items():
+        state[f"{name}.lora_A.weight"] = module.lora_A.weight.detach()
+        state[f"{name}.lora_B.weight"] = module.lora_B.weight.detach()
+    return state
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and put plain nn.Linear modules back (in place); the model then
+    computes the same function with no adapter left, ready to save in any format."""
+    for name, module in lora_modules(model).items():
+        owner_name, _, attribute = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                          device="meta")
+        with torch.no_grad():
+            plain.weight = nn.Parameter(module.merged_weight(), requires_grad=False)
+            plain.bias = module.bias
+        setattr(owner, attribute, plain)
+    return model

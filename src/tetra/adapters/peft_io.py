@@ -1,0 +1,161 @@
+"""LoRA adapters in PEFT's format (adapter_config.json + adapter_model.safetensors), both ways, so an adapter
+trained by tetra loads with `peft.PeftModel.from_pretrained` and one trained with peft loads into tetra.
+
+Entry points: save_peft_adapter(model, folder, config, base), load_peft_adapter(model, folder),
+load_model_with_adapter(path, adapter, ...) for any model path that may be (or come with) an adapter folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tetra.adapters.lora import LoRAConfig, apply_lora, lora_modules
+from tetra.errors import CheckpointError
+from tetra.files import read_json, write_json
+from tetra.model import Transformer
+from tetra.model.hf_weights import hf_module_name, tetra_module_name
+from tetra.model.io import load_model
+from tetra.model.safetensors_io import read_tensors, write_tensors
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model"  # .safetensors
+PEFT_PREFIX = "base_model.model."
+
+
+def is_adapter_only(path: str | Path) -> bool:
+    """A folder with a LoRA adapter but no model weights of its own (a LoRA checkpoint, or a PEFT adapter)."""
+    folder = Path(path)
+    weights = ("model.safetensors", "model.safetensors.index.json", "config.json", "shards")
+    return (folder / ADAPTER_CONFIG).is_file() and not any((folder / name).exists() for name in weights)
+
+
+def _hf_names(model: Transformer) -> dict[str, str]:
+    """tetra module -> Hugging Face module for every adapted Linear; refuses families PEFT names differently."""
+    names = {}
+    for module in lora_modules(model):
+        hf = hf_module_name(model.config.family, module)
+        if hf is None:
+            raise CheckpointError(f"The adapted layer {module} has no one-to-one Hugging Face module in the "
+                                  f"{model.config.family} layout (GPT-2 fuses q, k and v into one Conv1D), so the "
+                                  "adapter cannot be written in PEFT's format. Export the merged model with "
+                                  "`tetra convert to-hf` instead.")
+        names[module] = hf
+    return names
+
+
+def save_peft_adapter(model: Transformer, folder: Path, config: LoRAConfig, base: str | Path | None) -> None:
+    """adapter_config.json + adapter_model.safetensors into an existing folder."""
+    names = _hf_names(model)
+    tensors = {}
+    for module, layer in lora_modules(model).items():
+        tensors[f"{PEFT_PREFIX}{names[module]}.lora_A.weight"] = layer.lora_A.weight.detach()
+        tensors[f"{PEFT_PREFIX}{names[module]}.lora_B.weight"] = layer.lora_B.weight.detach()
+    leaves = {name.rsplit(".", 1)[-1] for name in names.values()}
+    every_layer = all(sum(hf.endswith("." + leaf) for hf in names.values()) == model.config.n_layers for leaf in leaves)
+    write_tensors(tensors, folder, stem=ADAPTER_WEIGHTS)
+    write_json(folder / ADAPTER_CONFIG, {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.rank, "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout, "target_modules": sorted(leaves if every_layer else names.values()),
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        "base_model_name_or_path": str(Path(base).resolve()) if base else None,
+    })
+
+
+def _adapter_config(folder: Path) -> dict[str, Any]:
+    config = read_json(folder / ADAPTER_CONFIG, "PEFT adapter configuration")
+    unsupported = [f"{key} = {config.get(key)!r}" for key, ok in (
+        ("peft_type", config.get("peft_type") == "LORA"), ("bias", config.get("bias", "none") == "none"),
+        ("use_dora", not config.get("use_dora")), ("fan_in_fan_out", not config.get("fan_in_fan_out")),
+        ("rank_pattern", not config.get("rank_pattern")), ("alpha_pattern", not config.get("alpha_pattern")),
+        ("modules_to_save", not config.get("modules_to_save"))) if not ok]
+    if unsupported:
+        raise CheckpointError(f"{folder / ADAPTER_CONFIG} uses {', '.join(unsupported)}; tetra loads plain LoRA "
+                              "adapters (peft_type LORA, bias none, no DoRA, one rank and alpha for every module).")
+    return config
+
+
+def load_peft_adapter(model: Transformer, folder: str | Path) -> list[str]:
+    """Give `model` the adapter of a PEFT folder (its ranks, alpha and weights); returns the adapted modules.
+    Tensors that do not fit the model (another base model) are named."""
+    folder = Path(folder)
+    config = _adapter_config(folder)
+    tensors = read_tensors(folder, stem=ADAPTER_WEIGHTS)
+    targets, unknown = {}, []
+    for key in tensors:
+        hf_module = key.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0]
+        module = tetra_module_name(model.config.family, hf_module.removesuffix(".default"))
+        (unknown.append(key) if module is None else targets.setdefault(module, hf_module))
+    if unknown:
+        raise CheckpointError(f"The adapter in {folder} has tensors for modules a {model.config.family} model does "
+                              f"not have: {', '.join(unknown[:4])}. It was trained on another base model.")
+    rank = int(config["r"])
+    scale_alpha = float(config["lora_alpha"])
+    if config.get("use_rslora"):  # rank-stabilized LoRA scales by alpha / sqrt(r): the same as alpha' / r
+        scale_alpha = scale_alpha * rank / rank**0.5
+    apply_lora(model, LoRAConfig(rank, scale_alpha, float(config.get("lora_dropout", 0.0)), sorted(targets)),
+               base=config.get("base_model_name_or_path"))
+    _copy_adapter(model, tensors, targets, folder)
+    return sorted(targets)
+
+
+def _copy_adapter(model: Transformer, tensors: dict[str, torch.Tensor], targets: dict[str, str],
+                  folder: Path) -> None:
+    """PEFT tensors into the model's adapters (tetra module -> Hugging Face module in `targets`)."""
+    layers = lora_modules(model)
+    wrong = []
+    with torch.no_grad():
+        for module, hf_module in targets.items():
+            for part in ("lora_A", "lora_B"):
+                value = tensors.get(f"{PEFT_PREFIX}{hf_module}.{part}.weight")
+                target: nn.Parameter | None = getattr(layers[module], part).weight if module in layers else None
+                if value is None or target is None or value.shape != target.shape:
+                    found = "missing" if value is None else list(value.shape)
+                    needs = "no adapter there" if target is None else list(target.shape)
+                    wrong.append(f"{hf_module}.{part} is {found}, the model has {needs}")
+                else:
+                    target.copy_(value)
+    if wrong:
+        raise CheckpointError(f"The adapter in {folder} does not fit this model: {'; '.join(wrong[:4])}. It was "
+                              "trained on another base model (or with another rank); load it on its own base.")
+
+
+def load_adapter_weights_into(model: Transformer, folder: str | Path) -> None:
+    """Copy a PEFT folder's adapter weights into a model that already has the same adapters (resuming)."""
+    folder = Path(folder)
+    tensors = read_tensors(folder, stem=ADAPTER_WEIGHTS)
+    targets = {module: hf_module_name(model.config.family, module) for module in lora_modules(model)}
+    missing = [module for module in targets
+               if f"{PEFT_PREFIX}{targets[module]}.lora_A.weight" not in tensors]
+    if missing or len(tensors) != 2 * len(targets):
+        raise CheckpointError(f"The adapter in {folder} does not hold this run's adapters (missing: "
+                              f"{', '.join(missing[:4]) or 'none'}; {len(tensors)} tensors for {len(targets)} "
+                              "adapted layers). Resume with the [lora] settings the run started with.")
+    _copy_adapter(model, tensors, targets, folder)
+
+
+def load_model_with_adapter(path: str | Path, adapter: str | Path | None = None, dtype: torch.dtype | None = None,
+                            device: str | torch.device = "cpu", merge: bool = True) -> Transformer:
+    """A model from a checkpoint, Hugging Face folder or GGUF file, with a PEFT adapter applied (and merged) when
+    one is given or when `path` is itself an adapter folder (its base from adapter_config.json)."""
+    path = Path(path)
+    if adapter is None and is_adapter_only(path):
+        adapter = path
+        base = read_json(path / ADAPTER_CONFIG, "PEFT adapter configuration").get("base_model_name_or_path")
+        if not base or not Path(base).exists():
+            raise CheckpointError(f"{path} is a LoRA adapter whose base model {base!r} is not on this machine. Pass "
+                                  f"the base model and the adapter: MODEL --adapter {path}.")
+        path = Path(base)
+    model = load_model(path, dtype=torch.float32 if adapter is not None else dtype, device=device)
+    if adapter is None:
+        return model
+    load_peft_adapter(model, adapter)
+    if merge:
+        from tetra.adapters.lora import merge_lora
+
+        merge_lora(model)
+    return model.to(dtype=dtype).eval() if dtype is not None else model.eval()
