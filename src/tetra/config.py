@@ -63,6 +63,13 @@ class GoldfishConfig:
 
 
 @dataclass
+class NEFTuneConfig:
+    """Noisy input embeddings during fine-tuning (train.neftune.*)."""
+
+    alpha: float = 0.0  # noise scale alpha (the paper uses 5, 10, 15); 0 = off
+
+
+@dataclass
 class LoRAConfig:
     """Which Linears get a low-rank adapter, and its shape ([lora] in a run config)."""
 
@@ -112,6 +119,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     seed: int = 0  # initialization and dropout seed
     goldfish: GoldfishConfig = field(default_factory=GoldfishConfig)  # memorization-safe loss (off by default)
+    neftune: NEFTuneConfig = field(default_factory=NEFTuneConfig)  # noisy embeddings for fine-tuning (off)
 
 
 @dataclass
@@ -292,6 +300,8 @@ def validate_run_config(config: RunConfig, explicit_model: dict[str, Any]) -> li
     _choice(problems, "data.packing", data.packing, ("auto", "stream", "documents"))
     problems += train.goldfish.problems()
     problems += config.lora.problems()
+    if train.neftune.alpha < 0:
+        problems.append(f"train.neftune.alpha must be 0 (off) or positive (got {train.neftune.alpha})")
     if config.lora.enabled and (config.parallel.strategy == "fsdp2" or any(
             getattr(config.parallel, name) > 1 for name in ("depth", "row", "col")) or config.parallel.zero1):
         problems.append("LoRA trains on one process or with parallel.strategy = \"ddp\" for now; the 4D grid's "

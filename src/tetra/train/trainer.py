@@ -33,6 +33,7 @@ from tetra.train.checkpoint import latest_checkpoint, load_checkpoint, save_chec
 from tetra.train.distributed import any_rank, is_main_rank, launched_world_size, start_distributed
 from tetra.train.losses import IGNORE_INDEX
 from tetra.train.metrics import MetricsSink, flops_per_token, peak_flops, plot_losses, truncate_metrics
+from tetra.train.neftune import attach_neftune
 from tetra.train.optim import build_optimizer, lr_at, set_lr
 from tetra.train.precision import choose_autocast_dtype
 from tetra.train.progress import ProgressReporter
@@ -181,6 +182,11 @@ def build_loop(config: RunConfig, explicit_model: dict[str, Any]) -> tuple[Loop,
             raise ConfigError("LoRA does not run on the 4D grid yet (its layers would replace the adapted Linears). "
                               "Launch with parallel.strategy=ddp for data parallelism, or on one process.")
         apply_lora(model, config.lora, base=config.init.checkpoint or None)
+    if config.train.neftune.alpha > 0:
+        if replica.splits_model:
+            raise ConfigError("train.neftune does not run on the 4D grid yet; use one process or "
+                              "parallel.strategy=ddp.")
+        attach_neftune(model, config.train.neftune.alpha)
     autocast_dtype, precision_reason = choose_autocast_dtype(config.train.precision, device)
     gemm_layouts: dict[str, str] = {}
     if replica.splits_model:
