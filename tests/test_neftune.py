@@ -72,7 +72,7 @@ def test_off_is_bit_identical_and_on_changes_training(alpha, prepared_data, tmp_
     def run(name: str, *overrides: str) -> list[float]:
         args = ["train", "configs/tiny-stdlib.toml", f"data.path={prepared_data}", "data.seq_len=32",
                 "train.max_steps=3", "train.batch_size=2", "train.warmup_steps=1", "model.n_layers=1",
-                "model.hidden_size=32", "model.n_heads=2", "eval.every=0", "run.log_every=1",
+                "model.hidden_size=32", "model.n_heads=2", "eval.every=0", "run.log_every=1", "train.precision=fp32",
                 f"run.dir={tmp_path / name}", "--no-progress", *overrides]
         assert main(args) == 0
         return [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]

@@ -96,6 +96,20 @@ def apply_lora(model: nn.Module, config: LoRAConfig, base: str | None = None) ->
     return chosen
 
 
+def train_added_token_rows(model: nn.Module, first_new_row: int) -> list[str]:
+    """Make the token embedding (and an untied head) trainable for the rows from first_new_row on only: the
+    gradient of the older rows is zeroed, and the tables are kept out of weight decay, so the base's rows stay
+    bit-identical. Returns the trainable extras' module names (saved with the adapter)."""
+    extras = ["embed"] if model.config.tie_embeddings else ["embed", "head"]
+    for name in extras:
+        weight = getattr(model, name).weight
+        weight.requires_grad_(True)
+        weight.tetra_no_decay = True
+        weight.register_hook(lambda grad: torch.cat([torch.zeros_like(grad[:first_new_row]), grad[first_new_row:]]))
+    model.lora_extras = extras
+    return extras
+
+
 def has_lora(model: nn.Module) -> bool:
     return any(isinstance(module, LoRALinear) for module in model.modules())
 

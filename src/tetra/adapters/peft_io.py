@@ -20,6 +20,7 @@ from tetra.model import Transformer
 from tetra.model.hf_weights import hf_module_name, tetra_module_name
 from tetra.model.io import load_model
 from tetra.model.safetensors_io import read_tensors, write_tensors
+from tetra.model.vocabulary import grow_vocabulary
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model"  # .safetensors
@@ -56,12 +57,20 @@ def save_peft_adapter(model: Transformer, folder: Path, config: LoRAConfig, base
         tensors[f"{PEFT_PREFIX}{names[module]}.lora_B.weight"] = layer.lora_B.weight.detach()
     leaves = {name.rsplit(".", 1)[-1] for name in names.values()}
     every_layer = all(sum(hf.endswith("." + leaf) for hf in names.values()) == model.config.n_layers for leaf in leaves)
+    extras = getattr(model, "lora_extras", [])
+    tied = model.config.tie_embeddings
+    for extra in ["embed", "head"] if extras and tied else extras:  # PEFT writes a tied head's copy too
+        source = "embed" if tied else extra
+        tensors[f"{PEFT_PREFIX}{hf_module_name(model.config.family, extra)}.weight"] = \
+            getattr(model, source).weight.detach().clone()
     write_tensors(tensors, folder, stem=ADAPTER_WEIGHTS)
     write_json(folder / ADAPTER_CONFIG, {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.rank, "lora_alpha": config.alpha,
         "lora_dropout": config.dropout, "target_modules": sorted(leaves if every_layer else names.values()),
         "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        "init_lora_weights": True, "inference_mode": True,
+        "modules_to_save": [hf_module_name(model.config.family, extra).rsplit(".", 1)[-1] for extra in extras] or None,
+        "ensure_weight_tying": bool(extras and tied),
         "base_model_name_or_path": str(Path(base).resolve()) if base else None,
     })
 
@@ -72,7 +81,8 @@ def _adapter_config(folder: Path) -> dict[str, Any]:
         ("peft_type", config.get("peft_type") == "LORA"), ("bias", config.get("bias", "none") == "none"),
         ("use_dora", not config.get("use_dora")), ("fan_in_fan_out", not config.get("fan_in_fan_out")),
         ("rank_pattern", not config.get("rank_pattern")), ("alpha_pattern", not config.get("alpha_pattern")),
-        ("modules_to_save", not config.get("modules_to_save"))) if not ok]
+        ("modules_to_save", set(config.get("modules_to_save") or []) <= {"embed_tokens", "lm_head", "wte"}))
+        if not ok]
     if unsupported:
         raise CheckpointError(f"{folder / ADAPTER_CONFIG} uses {', '.join(unsupported)}; tetra loads plain LoRA "
                               "adapters (peft_type LORA, bias none, no DoRA, one rank and alpha for every module).")
@@ -86,7 +96,10 @@ def load_peft_adapter(model: Transformer, folder: str | Path) -> list[str]:
     config = _adapter_config(folder)
     tensors = read_tensors(folder, stem=ADAPTER_WEIGHTS)
     targets, unknown = {}, []
+    _load_extras(model, tensors, folder)
     for key in tensors:
+        if ".lora_" not in key:
+            continue
         hf_module = key.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0]
         module = tetra_module_name(model.config.family, hf_module.removesuffix(".default"))
         (unknown.append(key) if module is None else targets.setdefault(module, hf_module))
@@ -101,6 +114,28 @@ def load_peft_adapter(model: Transformer, folder: str | Path) -> list[str]:
                base=config.get("base_model_name_or_path"))
     _copy_adapter(model, tensors, targets, folder)
     return sorted(targets)
+
+
+def _load_extras(model: Transformer, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """Whole tables the adapter saved beside the low-rank matrices (new token rows): embedding and head."""
+    family = model.config.family
+    extras = {"embed": tensors.get(f"{PEFT_PREFIX}{hf_module_name(family, 'embed')}.weight"),
+              "head": tensors.get(f"{PEFT_PREFIX}{hf_module_name(family, 'head')}.weight")}
+    if extras["embed"] is None and extras["head"] is None:
+        return
+    rows = next(value.shape[0] for value in extras.values() if value is not None)
+    if rows < model.config.vocab_size or any(v is not None and v.shape[1] != model.config.hidden_size
+                                             for v in extras.values()):
+        raise CheckpointError(f"The adapter in {folder} saves token tables of {rows} rows that do not fit this "
+                              f"model ({model.config.vocab_size} x {model.config.hidden_size}): another base model.")
+    old = model.config.vocab_size
+    if grow_vocabulary(model, rows):
+        model.added_token_rows = (old, rows)
+    with torch.no_grad():
+        if extras["embed"] is not None:
+            model.embed.weight.copy_(extras["embed"])
+        if extras["head"] is not None and not model.config.tie_embeddings:
+            model.head.weight.copy_(extras["head"])
 
 
 def _copy_adapter(model: Transformer, tensors: dict[str, torch.Tensor], targets: dict[str, str],
@@ -128,10 +163,11 @@ def load_adapter_weights_into(model: Transformer, folder: str | Path) -> None:
     """Copy a PEFT folder's adapter weights into a model that already has the same adapters (resuming)."""
     folder = Path(folder)
     tensors = read_tensors(folder, stem=ADAPTER_WEIGHTS)
+    _load_extras(model, tensors, folder)
     targets = {module: hf_module_name(model.config.family, module) for module in lora_modules(model)}
     missing = [module for module in targets
                if f"{PEFT_PREFIX}{targets[module]}.lora_A.weight" not in tensors]
-    if missing or len(tensors) != 2 * len(targets):
+    if missing or sum(".lora_" in key for key in tensors) != 2 * len(targets):
         raise CheckpointError(f"The adapter in {folder} does not hold this run's adapters (missing: "
                               f"{', '.join(missing[:4]) or 'none'}; {len(tensors)} tensors for {len(targets)} "
                               "adapted layers). Resume with the [lora] settings the run started with.")

@@ -7,18 +7,27 @@ Entry point: register(subparsers).
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from tetra.commands.common import print_json
 from tetra.data.chat import FORMATS, TRAIN_ON
 from tetra.data.inspect import inspect_records
 from tetra.data.prepare import prepare_data
 from tetra.data.prepare_chat import TOO_LONG, ChatOptions
+from tetra.data.refusal import RefusalTokens
+from tetra.data.stdlib_qa import stdlib_qa_records
+from tetra.errors import DataError
 
 EXAMPLES = """examples:
   tetra data prepare stdlib --tokenizer tokenizers/stdlib-4k --out data/stdlib
   tetra data prepare "corpus/*.jsonl" --text-field content --tokenizer ./Llama-3.2-1B --out data/corpus
   tetra data prepare chats.jsonl --format chat --tokenizer ./smollm2 --out data/sft --max-length 1024
   tetra data prepare alpaca.jsonl --format alpaca --tokenizer ./smollm2 --out data/alpaca --train-on all
+"""
+GENERATE_EXAMPLES = """examples:
+  tetra data generate stdlib-qa --out data/stdlib-qa.jsonl --records 800
+  tetra data generate stdlib-qa --out data/refusal.jsonl --made-up 0.3     (for --refusal-tokens)
 """
 INSPECT_EXAMPLES = """examples:
   tetra data inspect data/sft --records 3          (each token beside 1 = trained, . = not trained)
@@ -27,7 +36,7 @@ INSPECT_EXAMPLES = """examples:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("data", help="prepare and inspect training data")
-    actions = parser.add_subparsers(dest="action", required=True, metavar="{prepare,inspect}")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="{prepare,inspect,generate}")
     prepare = actions.add_parser("prepare", help="tokenize documents or conversations into token shards",
                                  epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     prepare.add_argument("source", help="file, folder, glob (.txt, .jsonl, .parquet, ...) or 'stdlib'")
@@ -42,6 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prepare.add_argument("--max-length", type=int, default=0,
                          help="tokens per conversation at most (0 = no limit); train with data.seq_len >= this - 1")
     prepare.add_argument("--too-long", default="drop", choices=TOO_LONG, help="what happens to longer conversations")
+    prepare.add_argument("--refusal-tokens", choices=["binary", "categories"],
+                         help="start every reply with [respond], or with [refuse] (binary) / [refuse:CATEGORY] "
+                              "(categories) when the record has a refusal_category; grows the vocabulary")
     prepare.add_argument("--skip-bad-records", action="store_true",
                          help="count and skip malformed records instead of stopping at the first")
     prepare.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet records")
@@ -57,12 +69,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     inspect.add_argument("--split", default="train", choices=["train", "val"])
     inspect.add_argument("--json", action="store_true", help="print the records as JSON")
     inspect.set_defaults(handler=run_inspect)
+    generate = actions.add_parser("generate", help="write a chat data set tetra builds itself (no download)",
+                                  epilog=GENERATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    generate.add_argument("kind", choices=["stdlib-qa"],
+                          help="stdlib-qa: questions about standard-library functions answered by their docstrings")
+    generate.add_argument("--out", required=True, help="the .jsonl file to write")
+    generate.add_argument("--records", type=int, default=800, help="how many conversations")
+    generate.add_argument("--made-up", type=float, default=0.0,
+                          help="share of questions about functions that do not exist, answered with a refusal "
+                               "(refusal_category 'made_up', for --refusal-tokens)")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.set_defaults(handler=run_generate)
 
 
 def run(args: argparse.Namespace) -> int:
     chat = None
     if args.format != "text":
-        chat = ChatOptions(args.format, args.train_on, args.max_length, args.too_long, args.skip_bad_records)
+        refusal = RefusalTokens(args.refusal_tokens) if args.refusal_tokens else None
+        chat = ChatOptions(args.format, args.train_on, args.max_length, args.too_long, args.skip_bad_records,
+                           refusal)
+    elif args.refusal_tokens:
+        raise DataError("--refusal-tokens marks assistant replies, so it needs --format chat, alpaca or sharegpt.")
     meta = prepare_data(args.source, args.tokenizer, args.out, args.text_field, args.val_fraction,
                         args.shard_tokens, args.overwrite, show_progress=not args.json, chat=chat)
     if args.json:
@@ -73,6 +100,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}: {splits['train']['tokens']:,} training tokens ({splits['train']['documents']} "
               f"documents), {splits['val']['tokens']:,} validation tokens ({splits['val']['documents']} documents)"
               + trained)
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    records = stdlib_qa_records(args.records, args.made_up, args.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.tmp")
+    staging.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    staging.replace(out)
+    refusals = sum("refusal_category" in record for record in records)
+    print(f"wrote {out}: {len(records)} conversations ({refusals} about made-up functions)")
     return 0
 
 

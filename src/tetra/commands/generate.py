@@ -10,7 +10,9 @@ import sys
 import time
 
 from tetra.commands.common import add_model_arguments, load_model_and_tokenizer, print_json
+from tetra.data.refusal import refusal_table
 from tetra.errors import ConfigError
+from tetra.infer.refusal import decide_refusals
 from tetra.infer.sampling import SamplingConfig
 from tetra.infer.text import generate_text
 
@@ -33,18 +35,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     parser.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    parser.add_argument("--refusal-threshold", type=float, default=None, metavar="TAU",
+                        help="models trained with refusal tokens: refuse when p(refuse) >= TAU (every category)")
+    parser.add_argument("--refusal", action="append", default=[], metavar="CATEGORY=TAU",
+                        help="a threshold for one refusal category (repeatable; 0 enforces, 1 suppresses it)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     parser.set_defaults(handler=run)
+
+
+def _thresholds(args: argparse.Namespace, categories: list[str]) -> dict[str, float]:
+    """--refusal-threshold for every category, then --refusal CATEGORY=TAU for single ones."""
+    thresholds = dict.fromkeys(categories, args.refusal_threshold) if args.refusal_threshold is not None else {}
+    for text in args.refusal:
+        name, _, value = text.partition("=")
+        try:
+            thresholds[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--refusal {text!r} is not CATEGORY=TAU (for example --refusal violence=0.3).") from None
+    return thresholds
 
 
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens}).")
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+    if args.refusal_threshold is not None and not 0 <= args.refusal_threshold <= 1:
+        raise ConfigError(f"--refusal-threshold must lie in [0, 1] (got {args.refusal_threshold}).")
     model, tokenizer = load_model_and_tokenizer(args)
     prompts = args.prompt
     if args.chat:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    decisions = None
+    table = refusal_table(tokenizer)
+    if args.refusal_threshold is not None or args.refusal or (args.chat and table is not None):
+        decisions = decide_refusals(model, tokenizer, prompts, _thresholds(args, list((table or {}).get("refuse", {}))))
+        prompts = [prompt + decision.token for prompt, decision in zip(prompts, decisions, strict=True)]
     streaming = not args.json and len(prompts) == 1
 
     def show(row: int, piece: str) -> None:
@@ -60,8 +85,13 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     tokens = sum(len(c.token_ids) for c in completions)
     if args.json:
-        print_json({"completions": [{"prompt": c.prompt, "text": c.text, "tokens": len(c.token_ids),
-                                     "finish_reason": c.finish_reason} for c in completions],
+        rows = [{"prompt": c.prompt, "text": c.text, "tokens": len(c.token_ids), "finish_reason": c.finish_reason}
+                for c in completions]
+        for row, decision in zip(rows, decisions or [], strict=False):
+            row["refusal"] = {"token": decision.token, "category": decision.category,
+                              "respond_probability": decision.respond_probability,
+                              "refuse_probabilities": decision.refuse_probabilities}
+        print_json({"completions": rows,
                     "seconds": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 2)})
         return 0
     if streaming:

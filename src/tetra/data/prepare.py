@@ -17,8 +17,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tetra.data.gguf_tokenizer import load_tokenizer
 from tetra.data.prepare_chat import ChatOptions, prepare_chat_data
+from tetra.data.refusal import refusal_table
 from tetra.data.shards import FORMAT_VERSION, META, ShardWriter, token_dtype
-from tetra.data.sources import iter_documents
+from tetra.data.sources import iter_documents, iter_records
 from tetra.data.tokenizer import TextTokenizer
 from tetra.errors import DataError
 from tetra.files import atomic_directory, write_json
@@ -59,6 +60,10 @@ def prepare_data(source: str, tokenizer_folder: str | Path, out: str | Path, tex
     if not 0 <= val_fraction < 1:
         raise DataError(f"--val-fraction must be in [0, 1) (got {val_fraction}).")
     tokenizer = load_tokenizer(tokenizer_folder)
+    base = {"base_tokenizer_fingerprint": tokenizer.fingerprint(), "base_vocab_size": tokenizer.vocab_size}
+    if chat is not None and chat.refusal is not None:
+        chat.refusal.scan(record for _, record in iter_records(source))
+        tokenizer = chat.refusal.extend(tokenizer)
     if tokenizer.eos_id is None:
         raise DataError(f"The tokenizer in {tokenizer_folder} has no eos_token; documents need one between them. "
                         "Set eos_token in its tokenizer_config.json.")
@@ -93,7 +98,7 @@ def prepare_data(source: str, tokenizer_folder: str | Path, out: str | Path, tex
         if chat is not None:
             meta.update(train_on=chat.train_on, max_length=chat.max_length, too_long=chat.too_long,
                         pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id,
-                        records=records)
+                        records=records, refusal_tokens=refusal_table(tokenizer), **base)
         write_json(staging / META, meta)
     return meta
 

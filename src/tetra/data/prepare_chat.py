@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tetra.data.chat import ChatEncoder, EncodedConversation, RecordError, messages_from_record
+from tetra.data.refusal import RefusalTokens
 from tetra.data.shards import ShardWriter
 from tetra.data.sources import iter_records
 from tetra.data.tokenizer import TextTokenizer
@@ -30,6 +31,7 @@ class ChatOptions:
     max_length: int = 0  # tokens per conversation at most (0 = no limit); train with data.seq_len >= this - 1
     too_long: str = "drop"  # drop | truncate: what happens to longer conversations
     skip_bad_records: bool = False  # count and skip malformed records instead of stopping at the first
+    refusal: RefusalTokens | None = None  # put a [respond] / [refuse...] token in front of every reply
 
     def check(self) -> None:
         if self.too_long not in TOO_LONG:
@@ -63,6 +65,8 @@ def prepare_chat_data(source: str, tokenizer: TextTokenizer, writers: dict[str, 
             if isinstance(record, DataError):
                 raise record
             messages = messages_from_record(record, options.format)
+            if options.refusal is not None:
+                messages = options.refusal.mark(messages, record)
             encoded = encoder.encode(messages)
         except RecordError as error:
             reason = "empty" if "nothing would be trained" in str(error) else "malformed"

@@ -27,8 +27,9 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             if id(parameter) in seen or not parameter.requires_grad:
                 continue
             seen.add(id(parameter))
-            is_matrix = (isinstance(module, LINEAR_TYPES) and name == "weight"
-                         and parameter is not _tied_embedding(model))
+            # tetra_no_decay: tables whose old rows must not move (LoRA's trainable new-token rows)
+            is_matrix = (isinstance(module, LINEAR_TYPES) and name == "weight" and parameter is not
+                         _tied_embedding(model) and not getattr(parameter, "tetra_no_decay", False))
             (decay if is_matrix else no_decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

@@ -21,6 +21,7 @@ from tetra.errors import ConfigError, DataError
 from tetra.model import ModelConfig, Transformer
 from tetra.model.io import load_model
 from tetra.model.presets import PRESETS
+from tetra.model.vocabulary import grow_vocabulary
 from tetra.parallel.gemm_layout import IN_OUT, LayoutCache, Shape, agree_on_layouts, choose_layouts, default_cache_path
 from tetra.parallel.grid import ProcessGrid
 from tetra.parallel.parallelize import linear_block_shapes
@@ -85,8 +86,16 @@ def build_model_for_run(config: RunConfig, explicit_model: dict[str, Any], data:
         source = Path(config.init.checkpoint)
         model = load_model(source, dtype=torch.float32, device=device)
         _check_explicit_keys_agree(model.config, explicit_model, source)
-        tokenizer_folder = source if (source / "tokenizer.json").is_file() else data.tokenizer_folder
-        check_model_fits_data(model.config, config, data, source if (source / "tokenizer.json").is_file() else None)
+        own_tokenizer = source if (source / "tokenizer.json").is_file() else None
+        if _data_extends_tokenizer(data, own_tokenizer):
+            # The data added tokens (refusal tokens) to this model's tokenizer: grow the vocabulary to match
+            # (a model whose table already has unused rows past its tokenizer needs none).
+            old = model.config.vocab_size
+            if grow_vocabulary(model, data.vocab_size):
+                model.added_token_rows = (old, data.vocab_size)
+            own_tokenizer = None
+        tokenizer_folder = own_tokenizer or data.tokenizer_folder
+        check_model_fits_data(model.config, config, data, own_tokenizer)
     else:
         model_config = resolve_model_config(config, explicit_model, data)
         check_model_fits_data(model_config, config, data, None)
@@ -96,6 +105,14 @@ def build_model_for_run(config: RunConfig, explicit_model: dict[str, Any], data:
         model = model.to(device)
         tokenizer_folder = data.tokenizer_folder
     return model.train(), tokenizer_folder
+
+
+def _data_extends_tokenizer(data: PreparedData, tokenizer_folder: Path | None) -> bool:
+    """Whether the data's tokenizer is the model's plus added tokens (prepare records the base's fingerprint)."""
+    base = data.meta.get("base_tokenizer_fingerprint")
+    if base is None or data.vocab_size <= data.meta.get("base_vocab_size", data.vocab_size):
+        return False
+    return tokenizer_folder is None or TextTokenizer.load(tokenizer_folder).fingerprint() == base
 
 
 def auto_grid(config: RunConfig, model_config: ModelConfig, world: int) -> tuple[RunConfig, str]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from tetra.adapters.lora import apply_lora
+from tetra.adapters.lora import apply_lora, train_added_token_rows
 from tetra.config import RunConfig
 from tetra.data.batch import as_batch
 from tetra.data.loader import PackedBatches
@@ -182,6 +182,8 @@ def build_loop(config: RunConfig, explicit_model: dict[str, Any]) -> tuple[Loop,
             raise ConfigError("LoRA does not run on the 4D grid yet (its layers would replace the adapted Linears). "
                               "Launch with parallel.strategy=ddp for data parallelism, or on one process.")
         apply_lora(model, config.lora, base=config.init.checkpoint or None)
+        if hasattr(model, "added_token_rows"):  # new tokens (refusal tokens) need trainable embeddings
+            train_added_token_rows(model, model.added_token_rows[0])
     if config.train.neftune.alpha > 0:
         if replica.splits_model:
             raise ConfigError("train.neftune does not run on the 4D grid yet; use one process or "
