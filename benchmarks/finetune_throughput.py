@@ -20,6 +20,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -94,21 +95,25 @@ def autocast(precision: str) -> contextlib.AbstractContextManager:
 
 
 def tetra_engine(folder: Path, args: argparse.Namespace):
-    from tetra.adapters.lora import LoRAConfig, apply_lora
+    from tetra.adapters.lora import LoRAConfig, apply_lora, store_frozen_weights_in
+    from tetra.data.batch import Batch
     from tetra.model.io import load_model
-    from tetra.train.losses import per_token_loss
+    from tetra.train.replica import Replica
 
     model = load_model(folder, dtype=torch.float32).train()
     if not args.full:
         apply_lora(model, LoRAConfig(rank=args.rank, alpha=2 * args.rank, targets=["all-linear"]))
+        if args.precision == "bf16":  # as the trainer does: frozen weights need no fp32 copy
+            store_frozen_weights_in(model, torch.bfloat16)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-4, weight_decay=0.0, fused=True)
 
+    replica = Replica(None)  # the trainer's per-token loss (chunked through the head)
+
     def step(tokens, trained, real):
-        documents = torch.where(real[:, :-1], 0, -1)
-        labels = tokens[:, 1:].masked_fill(~trained, IGNORE_INDEX)
+        batch = Batch(tokens, trained, torch.where(real[:, :-1], 0, -1))
         with autocast(args.precision):
-            losses = per_token_loss(model(tokens[:, :-1], document_ids=documents), labels)
+            losses = replica.token_losses(model, batch)
         (losses.sum() / trained.sum()).backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
@@ -142,13 +147,16 @@ def transformers_engine(folder: Path, args: argparse.Namespace):
     return model, step
 
 
-def saved_bytes(step, data) -> int:
-    """Bytes autograd saves for backward during one step (tensors counted once per storage)."""
+def saved_bytes(step, data, model: torch.nn.Module) -> int:
+    """Bytes autograd saves for backward during one step, counted once per storage; the model's own parameters
+    (resident anyway) are not counted, their per-step casts are."""
     seen: dict[int, int] = {}
+    resident = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in resident:
+            seen[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
@@ -157,18 +165,32 @@ def saved_bytes(step, data) -> int:
 
 
 def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Resident memory now (Linux /proc), in MB."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def run_alone(args: argparse.Namespace) -> None:
-    """Child process: one engine, peak RSS above the loaded model."""
+    """Child process: one engine; its peak resident memory while training, above what it held once loaded
+    (sampled every 5 ms by a thread: ru_maxrss would report the load's own peak instead)."""
     folder = Path(args.folder)
     data = batches(folder, args.batch, args.seq, 3)
     _, step = (tetra_engine if args.only == "tetra" else transformers_engine)(folder, args)
-    loaded = rss_mb()
+    loaded, peak, running = rss_mb(), [0.0], [True]
+
+    def sample() -> None:
+        while running[0]:
+            peak[0] = max(peak[0], rss_mb())
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     for item in data:
         step(*item)
-    print(json.dumps({"engine": args.only, "peak_rss_above_model_mb": rss_mb() - loaded}))
+    running[0] = False
+    sampler.join()
+    print(json.dumps({"engine": args.only, "resident_after_load_mb": round(loaded, 1),
+                      "peak_above_load_mb": round(peak[0] - loaded, 1)}))
 
 
 def main() -> None:
@@ -180,8 +202,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         folder = hf_folder(args.model, Path(scratch))
         data = batches(folder, args.batch, args.seq, args.steps + 2)
-        engines = {"tetra": tetra_engine(folder, args)[1], "transformers": transformers_engine(folder, args)[1]}
-        memory = {name: saved_bytes(step, data[0]) for name, step in engines.items()}
+        built = {"tetra": tetra_engine(folder, args), "transformers": transformers_engine(folder, args)}
+        engines = {name: step for name, (_, step) in built.items()}
+        memory = {name: saved_bytes(step, data[0], built[name][0]) for name, step in engines.items()}
         seconds = dict.fromkeys(engines, 0.0)
         for index, item in enumerate(data):
             for name, step in engines.items():

@@ -110,6 +110,13 @@ def train_added_token_rows(model: nn.Module, first_new_row: int) -> list[str]:
     return extras
 
 
+def store_frozen_weights_in(model: nn.Module, dtype: torch.dtype) -> None:
+    """Keep the adapted Linears' frozen base weights in the autocast dtype: autocast would cast them to it on every
+    step anyway (the same rounding, so results are bit-identical), and a frozen weight needs no fp32 master copy."""
+    for module in lora_modules(model).values():
+        module.weight.data = module.weight.data.to(dtype)
+
+
 def has_lora(model: nn.Module) -> bool:
     return any(isinstance(module, LoRALinear) for module in model.modules())
 

@@ -145,9 +145,11 @@ class Transformer(nn.Module):
         cache_start: int = 0,
         last_only: bool = False,
         document_ids: torch.Tensor | None = None,
+        hidden_only: bool = False,
     ) -> torch.Tensor:
-        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only, which is all sampling needs)."""
+        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only, which is all sampling needs); hidden_only returns
+        the final-norm hidden states instead, for a loss that applies the head itself (chunk by chunk)."""
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache, cache_start, document_ids)
         if last_only:
             hidden = hidden[:, -1:]
-        return self.head(hidden)
+        return hidden if hidden_only else self.head(hidden)

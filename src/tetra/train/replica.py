@@ -19,6 +19,7 @@ from tetra.parallel.collectives import all_reduce
 from tetra.parallel.grid import ProcessGrid
 from tetra.parallel.parallelize import clip_global_grad_norm, gradient_group, parallel_token_losses, sync_gradients
 from tetra.parallel.zero import ZeroOptimizer
+from tetra.train.chunked_loss import chunked_token_loss
 from tetra.train.goldfish import goldfish_drop_mask
 from tetra.train.losses import IGNORE_INDEX, per_token_loss, split_loss
 from tetra.train.torch_strategies import full_tensor, gradient_sync
@@ -33,11 +34,21 @@ class StepLoss:
     dropped_fraction: float | None  # share of target tokens left out (None when goldfish is off)
 
 
+def _plain_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The output head when it is a plain bias-free Linear (so the chunked loss can apply it), else None: an
+    adapted (LoRA) or split head keeps the ordinary path. Looks through DDP and torch.compile wrappers."""
+    core = getattr(model, "module", model)
+    core = getattr(core, "_orig_mod", core)
+    head = getattr(core, "head", None)
+    return head if type(head) is torch.nn.Linear and head.bias is None else None
+
+
 class Replica:
     """One process (grid None) or this rank's share of a grid."""
 
-    def __init__(self, grid: ProcessGrid | None, zero1: bool = False, strategy: str = "4d") -> None:
-        self.grid, self.zero1, self.strategy = grid, zero1, strategy
+    def __init__(self, grid: ProcessGrid | None, zero1: bool = False, strategy: str = "4d",
+                 chunked_loss: bool = True) -> None:
+        self.grid, self.zero1, self.strategy, self.chunked_loss = grid, zero1, strategy, chunked_loss
         self._buckets_built = False
 
     @property
@@ -62,6 +73,10 @@ class Replica:
             return parallel_token_losses(model, tokens, self.grid)
         batch = as_batch(tokens)
         extra = {} if batch.document_ids is None else {"document_ids": batch.document_ids}
+        head = _plain_head(model)
+        if head is not None and self.chunked_loss:
+            hidden = model(batch.inputs, hidden_only=True, **extra)
+            return chunked_token_loss(hidden, head.weight, batch.labels)
         return per_token_loss(model(batch.inputs, **extra), batch.labels)
 
     def total(self, values: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from tetra.adapters.lora import apply_lora, train_added_token_rows
+from tetra.adapters.lora import apply_lora, store_frozen_weights_in, train_added_token_rows
 from tetra.config import RunConfig
 from tetra.data.batch import as_batch
 from tetra.data.loader import PackedBatches
@@ -190,6 +190,8 @@ def build_loop(config: RunConfig, explicit_model: dict[str, Any]) -> tuple[Loop,
                               "parallel.strategy=ddp.")
         attach_neftune(model, config.train.neftune.alpha)
     autocast_dtype, precision_reason = choose_autocast_dtype(config.train.precision, device)
+    if config.lora.enabled and autocast_dtype is not None:
+        store_frozen_weights_in(model, autocast_dtype)
     gemm_layouts: dict[str, str] = {}
     if replica.splits_model:
         layouts, summary = gemm_layouts_for_run(config, model, grid, device, autocast_dtype or torch.float32,

@@ -1,0 +1,60 @@
+"""The chunked head + cross-entropy equals logits -> per_token_loss: losses, hidden and head gradients, ignored
+labels, per-token upstream weights, a frozen head (gradient formed in forward) and bf16 autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tetra.train.chunked_loss import chunked_token_loss
+from tetra.train.losses import per_token_loss
+
+
+def _case(frozen: bool, dtype: torch.dtype = torch.float64):
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 50, 16, dtype=dtype, generator=generator).requires_grad_()
+    weight = torch.randn(97, 16, dtype=dtype, generator=generator).requires_grad_(not frozen)
+    labels = torch.randint(0, 97, (3, 50), generator=generator)
+    labels[0, :7] = -100
+    labels[2, -3:] = -100
+    upstream = torch.rand(3, 50, dtype=dtype, generator=generator)
+    return hidden, weight, labels, upstream
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("chunk", [1, 13, 1024])
+def test_equals_full_logits(frozen, chunk):
+    hidden, weight, labels, upstream = _case(frozen)
+    losses = chunked_token_loss(hidden, weight, labels, chunk)
+    (losses * upstream).sum().backward()
+    chunked = (hidden.grad.clone(), None if frozen else weight.grad.clone())
+    hidden.grad = weight.grad = None
+    reference = per_token_loss(hidden @ weight.t(), labels)
+    (reference.double() * upstream).sum().backward()
+    assert torch.allclose(losses.double(), reference.double(), atol=1e-6)
+    assert bool((losses[labels == -100] == 0).all())
+    assert torch.allclose(chunked[0], hidden.grad, atol=1e-6)
+    if not frozen:
+        assert torch.allclose(chunked[1], weight.grad, atol=1e-6)
+
+
+def test_under_bf16_autocast_matches_the_linear_path():
+    hidden, weight, labels, upstream = _case(frozen=True, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = chunked_token_loss(hidden, weight, labels)
+    (losses * upstream).sum().backward()
+    chunked = hidden.grad.clone()
+    hidden.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = per_token_loss(torch.nn.functional.linear(hidden, weight), labels)
+    (reference * upstream).sum().backward()
+    assert torch.allclose(losses, reference, atol=2e-2, rtol=1e-2)
+    assert torch.allclose(chunked, hidden.grad, atol=2e-2, rtol=5e-2)
+
+
+def test_no_gradient_work_without_autograd():
+    hidden, weight, labels, _ = _case(frozen=True)
+    with torch.no_grad():
+        losses = chunked_token_loss(hidden, weight, labels)
+    assert losses.grad_fn is None and torch.allclose(losses.double(),
+                                                     per_token_loss(hidden @ weight.t(), labels).double(), atol=1e-6)
