@@ -34,3 +34,25 @@ def test_catastrophic_memorization_smoke(tmp_path):
     training = (tmp_path / "repeated.jsonl").read_text()
     controls = [json.loads(line)["text"] for line in (tmp_path / "controls.jsonl").read_text().splitlines()]
     assert not any(json.dumps(text)[1:-1] in training for text in controls)
+
+
+def test_refusal_tokens_smoke(tmp_path):
+    sys.path.insert(0, str(EXPERIMENTS))  # the fine-tuning experiments share sft_common.py
+    experiment = _load("refusal_tokens")
+    assert experiment.main(["--smoke", "--work", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "refusal_results.json").read_text())
+    swept = [row for row in rows if row["tau"] is not None]
+    for kind in ("made_up_refused", "real_refused"):  # a higher threshold never refuses more
+        assert [row[kind] for row in swept] == sorted((row[kind] for row in swept), reverse=True)
+    assert swept[0]["made_up_refused"] == swept[0]["real_refused"] == 1.0  # tau = 0 refuses everything
+    assert (tmp_path / "refusal_tokens.png").stat().st_size > 1000
+
+
+def test_neftune_smoke(tmp_path):
+    sys.path.insert(0, str(EXPERIMENTS))
+    experiment = _load("neftune")
+    assert experiment.main(["--smoke", "--work", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "neftune_results.json").read_text())
+    assert [row["alpha"] for row in results["rows"]] == [0.0, 5.0, 10.0]
+    assert all(row["held_out_loss"] > 0 and row["mean_answer_tokens"] >= 1 for row in results["rows"])
+    assert "| 5 |" in (tmp_path / "neftune_results.md").read_text()

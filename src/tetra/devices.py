@@ -1,9 +1,12 @@
 """Device and dtype choice from the environment: CUDA when present, else CPU; bf16 on GPUs, fp32 on CPUs.
 
-Entry points: resolve_device(name), resolve_dtype(name, device) and synchronize(device).
+Entry points: resolve_device(name), resolve_dtype(name, device), synchronize(device) and
+measured_gemm_flops(dtype, device), this device's practical GEMM peak.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -37,3 +40,21 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPE_NAMES[name]
+
+
+def measured_gemm_flops(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 3,
+                        rounds: int = 5) -> float:
+    """FLOP/s of a square GEMM, best of several rounds: the CPU's practical peak (CPUs have no datasheet table
+    here). The best round, not the mean, because other processes only ever make a round slower."""
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    a @ b
+    best = 0.0
+    for _ in range(rounds):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        synchronize(device)
+        best = max(best, 2 * size**3 * repeats / (time.perf_counter() - start))
+    return best

@@ -13,9 +13,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from tetra.devices import synchronize
+from tetra.devices import measured_gemm_flops, synchronize
 from tetra.parallel.launch import spawn_collect
-from tetra.train.metrics import measured_gemm_flops
 
 GEMM_SIZES = (512, 1024, 2048)
 MESSAGE_BYTES = (1 << 20, 1 << 24)  # 1 MiB and 16 MiB

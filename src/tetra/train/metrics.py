@@ -7,12 +7,12 @@ Entry points: flops_per_token, peak_flops, MetricsSink, plot_losses.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tetra.devices import measured_gemm_flops
 from tetra.model.config import ModelConfig
 
 # Dense bf16 tensor-core peaks (FLOP/s) from vendor datasheets, matched against torch.cuda.get_device_name().
@@ -23,31 +23,12 @@ GPU_BF16_PEAKS = (
 )
 
 
-def flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x matmul parameters (head included) + 12 x layers x seq x attention width."""
+def flops_per_token(config: ModelConfig, seq_len: int, frozen_weights: bool = False) -> float:
+    """Training FLOPs per token: 6 x matmul parameters (head included) + 12 x layers x seq x attention width.
+    frozen_weights (LoRA): 4 x, since frozen matrices need no weight gradient (the adapters' few FLOPs aside)."""
     matmul_parameters = config.num_parameters(include_embeddings=False) + config.vocab_size * config.hidden_size
     attention_width = config.n_heads * config.resolved_head_dim
-    return 6 * matmul_parameters + 12 * config.n_layers * seq_len * attention_width
-
-
-def measured_gemm_flops(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 3,
-                        rounds: int = 5) -> float:
-    """FLOP/s of a square GEMM, best of several rounds: the CPU's practical peak (CPUs have no datasheet table
-    here). The best round, not the mean, because other processes only ever make a round slower."""
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
-    a @ b
-    best = 0.0
-    for _ in range(rounds):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = max(best, 2 * size**3 * repeats / (time.perf_counter() - start))
-    return best
+    return (4 if frozen_weights else 6) * matmul_parameters + 12 * config.n_layers * seq_len * attention_width
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:

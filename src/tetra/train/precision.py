@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from tetra.train.metrics import measured_gemm_flops
+from tetra.devices import measured_gemm_flops
 
 # bf16 autocast costs casts and rounding; on a CPU it pays off only when its GEMMs are clearly faster.
 CPU_BF16_MIN_SPEEDUP = 1.5

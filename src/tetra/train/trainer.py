@@ -241,7 +241,8 @@ def _start_run_folder(loop: Loop, run_dir: Path, resume_from: Path | None, confi
             "gemm_layouts": loop.gemm_layouts,
             "resumed_from": str(resume_from)})
     tokens = config.train.batch_size * config.train.grad_accum * config.data.seq_len * loop.replica.batch_ranks
-    return Throughput(tokens, flops_per_token(loop.model.config, config.data.seq_len) * tokens, peak, devices)
+    per_token = flops_per_token(loop.model.config, config.data.seq_len, frozen_weights=config.lora.enabled)
+    return Throughput(tokens, per_token * tokens, peak, devices)
 
 
 @dataclass
