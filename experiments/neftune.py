@@ -40,7 +40,7 @@ def answer_lengths(checkpoint: Path, questions: list[str], max_new_tokens: int) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--work", default="experiments/out/neftune")
+    parser.add_argument("--work", default=str(Path(__file__).resolve().parent / "out" / "neftune"))
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--questions", type=int, default=40)
     args = parser.parse_args(argv)

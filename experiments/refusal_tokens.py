@@ -70,7 +70,7 @@ def write_results(work: Path, rows: list[dict], smoke: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--work", default="experiments/out/refusal_tokens")
+    parser.add_argument("--work", default=str(Path(__file__).resolve().parent / "out" / "refusal_tokens"))
     parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args(argv)
     work = Path(args.work)

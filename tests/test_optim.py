@@ -88,3 +88,18 @@ def test_parallelized_linears_keep_their_weight_decay():
         assert names(parameter_groups(parallel, 0.1)[0], parallel) == expected
     finally:
         dist.destroy_process_group()
+
+
+def test_scaled_parameters_get_their_own_learning_rate():
+    """LoRA's new token rows learn faster (lora.new_token_lr_scale): their group's rate follows the schedule
+    times the scale, without weight decay."""
+    from tetra.train.optim import build_optimizer, set_lr
+
+    model = Transformer(ModelConfig(vocab_size=20, hidden_size=8, n_layers=1, n_heads=2))
+    model.embed.weight.tetra_lr_scale = 20.0
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-3))
+    set_lr(optimizer, 1e-3)
+    [scaled] = [group for group in optimizer.param_groups if group.get("lr_scale")]
+    assert scaled["params"] == [model.embed.weight] and scaled["weight_decay"] == 0.0
+    assert scaled["lr"] == pytest.approx(2e-2)
+    assert all(group["lr"] == pytest.approx(1e-3) for group in optimizer.param_groups if group is not scaled)

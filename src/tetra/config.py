@@ -77,6 +77,9 @@ class LoRAConfig:
     alpha: float = 16.0  # the update is scaled by alpha / rank
     dropout: float = 0.0  # dropout on the adapter's input (training only)
     targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])  # or "all-linear"
+    # Learning-rate multiplier of added tokens' embedding rows (refusal tokens): they start at the mean embedding
+    # and must travel far in few steps, which the adapters' learning rate alone does not allow.
+    new_token_lr_scale: float = 20.0
 
     @property
     def enabled(self) -> bool:
@@ -92,6 +95,8 @@ class LoRAConfig:
             found.append(f"lora.rank must be 0 (off) or positive (got {self.rank})")
         if not 0 <= self.dropout < 1:
             found.append(f"lora.dropout must be in [0, 1) (got {self.dropout})")
+        if self.new_token_lr_scale <= 0:
+            found.append(f"lora.new_token_lr_scale must be positive (got {self.new_token_lr_scale})")
         if self.enabled and not self.targets:
             found.append("lora.targets is empty: name the Linears to adapt (e.g. [\"q\", \"v\"] or [\"all-linear\"])")
         return found

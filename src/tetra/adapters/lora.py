@@ -47,7 +47,10 @@ class LoRALinear(nn.Linear):
         self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scale
+        weight = self.weight
+        if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            weight = weight.to(x.dtype)  # a bf16-stored frozen weight (store_frozen_weights_in) outside autocast
+        return F.linear(x, weight, self.bias) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scale
 
     def merged_weight(self) -> torch.Tensor:
         """W + scale * B A, in the base weight's dtype."""
@@ -96,15 +99,16 @@ def apply_lora(model: nn.Module, config: LoRAConfig, base: str | None = None) ->
     return chosen
 
 
-def train_added_token_rows(model: nn.Module, first_new_row: int) -> list[str]:
+def train_added_token_rows(model: nn.Module, first_new_row: int, lr_scale: float = 1.0) -> list[str]:
     """Make the token embedding (and an untied head) trainable for the rows from first_new_row on only: the
     gradient of the older rows is zeroed, and the tables are kept out of weight decay, so the base's rows stay
-    bit-identical. Returns the trainable extras' module names (saved with the adapter)."""
+    bit-identical; their learning rate is scaled by lr_scale. Returns the trainable extras' module names (saved
+    with the adapter)."""
     extras = ["embed"] if model.config.tie_embeddings else ["embed", "head"]
     for name in extras:
         weight = getattr(model, name).weight
         weight.requires_grad_(True)
-        weight.tetra_no_decay = True
+        weight.tetra_no_decay, weight.tetra_lr_scale = True, lr_scale
         weight.register_hook(lambda grad: torch.cat([torch.zeros_like(grad[:first_new_row]), grad[first_new_row:]]))
     model.lora_extras = extras
     return extras

@@ -20,18 +20,24 @@ LINEAR_TYPES = (nn.Linear, TensorParallelLinear)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay only the weight matrices of Linear layers; norms, biases and embeddings are not decayed."""
+    """Decay only the weight matrices of Linear layers; norms, biases and embeddings are not decayed. A parameter
+    marked tetra_lr_scale (LoRA's new token rows) gets a group of its own whose learning rate is scaled."""
     decay, no_decay, seen = [], [], set()
+    scaled: dict[float, list] = {}
     for module in model.modules():
         for name, parameter in module.named_parameters(recurse=False):
             if id(parameter) in seen or not parameter.requires_grad:
                 continue
             seen.add(id(parameter))
+            if hasattr(parameter, "tetra_lr_scale"):
+                scaled.setdefault(parameter.tetra_lr_scale, []).append(parameter)
+                continue
             # tetra_no_decay: tables whose old rows must not move (LoRA's trainable new-token rows)
             is_matrix = (isinstance(module, LINEAR_TYPES) and name == "weight" and parameter is not
                          _tied_embedding(model) and not getattr(parameter, "tetra_no_decay", False))
             (decay if is_matrix else no_decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return groups + [{"params": params, "weight_decay": 0.0, "lr_scale": scale} for scale, params in scaled.items()]
 
 
 def _tied_embedding(model: nn.Module) -> torch.Tensor | None:
@@ -76,4 +82,4 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -183,7 +183,7 @@ def build_loop(config: RunConfig, explicit_model: dict[str, Any]) -> tuple[Loop,
                               "Launch with parallel.strategy=ddp for data parallelism, or on one process.")
         apply_lora(model, config.lora, base=config.init.checkpoint or None)
         if hasattr(model, "added_token_rows"):  # new tokens (refusal tokens) need trainable embeddings
-            train_added_token_rows(model, model.added_token_rows[0])
+            train_added_token_rows(model, model.added_token_rows[0], config.lora.new_token_lr_scale)
     if config.train.neftune.alpha > 0:
         if replica.splits_model:
             raise ConfigError("train.neftune does not run on the 4D grid yet; use one process or "
