@@ -212,3 +212,26 @@ def test_lora_config_problems_are_listed():
 
 
 
+
+
+def test_lora_under_ddp_matches_one_process(lora_run):
+    """parallel.strategy = ddp trains the adapters like one process with the whole batch; the checkpoint is the
+    same adapter folder."""
+    import subprocess
+    import sys
+
+    from tetra.parallel.launch import free_port
+
+    root, config = lora_run
+    common = ["train.precision=fp32", "train.max_steps=3"]
+    assert main(["train", str(config), *common, "train.batch_size=8", f"run.dir={root / 'one'}",
+                 "--no-progress"]) == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), "-m", "tetra", "train", str(config), *common, "parallel.strategy=ddp",
+               f"run.dir={root / 'ddp'}", "--no-progress"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = {name: [json.loads(line)["loss"] for line in (root / name / "metrics.jsonl").read_text().splitlines()]
+              for name in ("one", "ddp")}
+    assert losses["ddp"] == pytest.approx(losses["one"], rel=1e-5)
+    assert (root / "ddp" / "checkpoints" / "step-0000003" / "adapter_model.safetensors").is_file()

@@ -10,6 +10,7 @@ Entry points: LoRAConfig, apply_lora(model, config), lora_state(model), merge_lo
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -29,7 +30,8 @@ __all__ = ["LoRAConfig", "LoRALinear", "apply_lora", "has_lora", "lora_modules",
 class LoRALinear(nn.Linear):
     """A frozen Linear with a trainable low-rank update beside it."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float) -> None:
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float,
+                 generator: torch.Generator | None = None) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # the same Parameters: nothing is copied
@@ -39,10 +41,12 @@ class LoRALinear(nn.Linear):
         self.rank, self.alpha = rank, alpha
         self.scale = alpha / rank
         device, dtype = base.weight.device, base.weight.dtype
-        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device="meta", dtype=dtype)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
-        if device.type != "meta":
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        if device.type != "meta":  # A is drawn on the CPU (the generator's device), then moved
+            self.lora_A.weight = nn.Parameter(torch.empty(rank, self.in_features, dtype=dtype))
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)
+            self.lora_A.to(device)
             nn.init.zeros_(self.lora_B.weight)
         self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
@@ -78,10 +82,12 @@ def linear_names(model: nn.Module) -> list[str]:
             and not name.endswith(("lora_A", "lora_B"))]
 
 
-def apply_lora(model: nn.Module, config: LoRAConfig, base: str | None = None) -> list[str]:
+def apply_lora(model: nn.Module, config: LoRAConfig, base: str | None = None, seed: int = 0) -> list[str]:
     """Freeze every parameter, then give each targeted Linear an adapter; returns the adapted modules' names.
-    A target matches a Linear whose last name part equals it (q, up, ...) or whose full name equals it. The model
-    keeps the config and its base's location (model.lora_config, model.lora_base) for saving."""
+    A target matches a Linear whose last name part equals it (q, up, ...) or whose full name equals it. Each A is
+    drawn from a generator seeded by (seed, module name), so every process of a run, and every run with the same
+    seed, starts from the same adapters whatever else used the global generator. The model keeps the config and
+    its base's location (model.lora_config, model.lora_base) for saving."""
     wanted = resolve_targets(config.targets)
     chosen = [name for name in linear_names(model) if name.rsplit(".", 1)[-1] in wanted or name in wanted]
     if not chosen:
@@ -94,7 +100,9 @@ def apply_lora(model: nn.Module, config: LoRAConfig, base: str | None = None) ->
     for name in chosen:
         owner_name, _, attribute = name.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
-        setattr(owner, attribute, LoRALinear(getattr(owner, attribute), config.rank, config.alpha, config.dropout))
+        generator = torch.Generator().manual_seed(_module_seed(seed, name))
+        setattr(owner, attribute, LoRALinear(getattr(owner, attribute), config.rank, config.alpha, config.dropout,
+                                             generator))
     model.lora_config, model.lora_base = config, base
     return chosen
 
@@ -119,6 +127,12 @@ def store_frozen_weights_in(model: nn.Module, dtype: torch.dtype) -> None:
     step anyway (the same rounding, so results are bit-identical), and a frozen weight needs no fp32 master copy."""
     for module in lora_modules(model).values():
         module.weight.data = module.weight.data.to(dtype)
+
+
+def _module_seed(seed: int, name: str) -> int:
+    """A stable 63-bit seed from the run seed and a module name (Python's hash() differs between processes)."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def has_lora(model: nn.Module) -> bool:

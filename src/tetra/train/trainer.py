@@ -181,7 +181,7 @@ def build_loop(config: RunConfig, explicit_model: dict[str, Any]) -> tuple[Loop,
         if replica.splits_model:
             raise ConfigError("LoRA does not run on the 4D grid yet (its layers would replace the adapted Linears). "
                               "Launch with parallel.strategy=ddp for data parallelism, or on one process.")
-        apply_lora(model, config.lora, base=config.init.checkpoint or None)
+        apply_lora(model, config.lora, base=config.init.checkpoint or None, seed=config.train.seed)
         if hasattr(model, "added_token_rows"):  # new tokens (refusal tokens) need trainable embeddings
             train_added_token_rows(model, model.added_token_rows[0], config.lora.new_token_lr_scale)
     if config.train.neftune.alpha > 0:
