@@ -235,3 +235,19 @@ def test_fine_tuning_on_chat_data_end_to_end(chat_tokenizer, tmp_path):
                  "--no-progress"]) == 0
     resumed = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in resumed if r["step"] > 2] == [r["loss"] for r in metrics if r["step"] > 2]
+
+
+def test_stream_packing_of_chat_data_is_refused(chat_tokenizer, tmp_path, capsys):
+    from tetra.model.io import save_model
+
+    tokenizer = TextTokenizer.load(chat_tokenizer)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, n_layers=1, n_heads=4))
+    save_model(model, tmp_path / "base", tokenizer_from=chat_tokenizer)
+    _prepare(tmp_path, chat_tokenizer, _write_jsonl(tmp_path / "in.jsonl", [{"messages": CONVERSATION}] * 4),
+             "--format", "chat")
+    (tmp_path / "c.toml").write_text("[train]\nmax_steps = 1\n")
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "c.toml"), f"init.checkpoint={tmp_path / 'base'}", "data.packing=stream",
+                 f"data.path={tmp_path / 'data'}", "data.seq_len=64", "train.warmup_steps=0",
+                 f"run.dir={tmp_path / 'run'}", "--no-progress"]) == 2
+    assert "ignore the loss mask" in capsys.readouterr().err

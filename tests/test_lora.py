@@ -235,3 +235,20 @@ def test_lora_under_ddp_matches_one_process(lora_run):
               for name in ("one", "ddp")}
     assert losses["ddp"] == pytest.approx(losses["one"], rel=1e-5)
     assert (root / "ddp" / "checkpoints" / "step-0000003" / "adapter_model.safetensors").is_file()
+
+
+def test_lora_needs_a_pretrained_base_and_peft_names(hf_folder):
+    from tetra.config import build_run_config
+
+    with pytest.raises(ConfigError) as caught:
+        build_run_config({"data": {"path": "x"}, "lora": {"rank": 4}})
+    assert "init.checkpoint" in str(caught.value)
+    model = load_model(hf_folder("gpt2")[1])
+    apply_lora(model, LoRAConfig(rank=2, targets=["q"]))
+    from tetra.adapters.peft_io import check_peft_names
+
+    with pytest.raises(ConfigError, match="no one-to-one PEFT module names"):
+        check_peft_names(model)
+    tied = load_model(hf_folder("llama-gqa4-tied")[1])
+    with pytest.raises(ConfigError, match="ties it to the token embedding"):
+        apply_lora(tied, LoRAConfig(rank=2, targets=["q", "head"]))

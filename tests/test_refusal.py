@@ -168,3 +168,38 @@ def test_bad_thresholds_and_models_without_refusal_tokens(base, capsys):
         assert expected in message and "Traceback" not in message
     assert main(["generate", str(base / "base"), "--prompt", "x", "--refusal-threshold", "0.5"]) == 2
     assert "no refusal tokens" in capsys.readouterr().err
+
+
+def test_empty_replies_are_skipped_before_marking(base):
+    records = _records()[:4] + [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}],
+                                 "refusal_category": "fiction"}]
+    (base / "chats.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    data = _prepare(base, "binary")
+    assert data.meta["records"]["empty"] == 1 and data.meta["records"]["kept"] == 4
+
+
+def test_added_tokens_in_a_padded_table_start_at_the_mean(base):
+    """A model whose embedding table has spare rows past its tokenizer (as Qwen2's does) needs no growth; the
+    refusal tokens' rows still start at the mean of the real rows, and train."""
+    from tetra.model import ModelConfig, Transformer
+    from tetra.model.io import save_model
+
+    tokenizer = TextTokenizer.load(base / "tokenizer")
+    torch.manual_seed(0)
+    padded = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size + 16, hidden_size=32, n_layers=2, n_heads=4,
+                                     max_position_embeddings=128, eos_token_id=tokenizer.eos_id))
+    padded.init_weights(0.1)
+    save_model(padded, base / "padded", tokenizer_from=base / "tokenizer")
+    data = _prepare(base, "binary")
+    first = data.meta["base_vocab_size"]
+    from tetra.config import load_run_config
+    from tetra.train.trainer import build_loop
+
+    config, explicit = load_run_config(None, [f"init.checkpoint={base / 'padded'}", f"data.path={data.folder}",
+                                              "data.seq_len=64", "lora.rank=2", f"run.dir={base / 'probe'}"])
+    loop, _ = build_loop(config, explicit)
+    model = loop.model
+    assert model.config.vocab_size == tokenizer.vocab_size + 16 and model.added_token_rows == (first, first + 2)
+    expected = padded.embed.weight[:first].mean(0)
+    assert torch.allclose(model.embed.weight[first:first + 2], expected.expand(2, -1), atol=1e-6)
+    assert model.embed.weight.requires_grad

@@ -85,10 +85,6 @@ class LoRAConfig:
     def enabled(self) -> bool:
         return self.rank > 0
 
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
     def problems(self) -> list[str]:
         found = []
         if self.rank < 0:
@@ -305,6 +301,9 @@ def validate_run_config(config: RunConfig, explicit_model: dict[str, Any]) -> li
     _choice(problems, "data.packing", data.packing, ("auto", "stream", "documents"))
     problems += train.goldfish.problems()
     problems += config.lora.problems()
+    if config.lora.enabled and not config.init.checkpoint:
+        problems.append("[lora] adapts a pretrained model: set init.checkpoint (LoRA checkpoints hold only the "
+                        "adapters, so a random base could not be recovered)")
     if train.neftune.alpha < 0:
         problems.append(f"train.neftune.alpha must be 0 (off) or positive (got {train.neftune.alpha})")
     if config.lora.enabled and (config.parallel.strategy == "fsdp2" or any(

@@ -90,6 +90,9 @@ def apply_lora(model: nn.Module, config: LoRAConfig, base: str | None = None, se
     its base's location (model.lora_config, model.lora_base) for saving."""
     wanted = resolve_targets(config.targets)
     chosen = [name for name in linear_names(model) if name.rsplit(".", 1)[-1] in wanted or name in wanted]
+    if "head" in chosen and getattr(getattr(model, "config", None), "tie_embeddings", False):
+        raise ConfigError("lora.targets includes the output head, but this model ties it to the token embedding; "
+                          "an adapter there would untie them. Leave 'head' out (all-linear already does).")
     if not chosen:
         names = sorted({name.rsplit(".", 1)[-1] for name in linear_names(model)})
         raise ConfigError(f"lora.targets = {config.targets} matches no layer of this model. Its Linear layers are "

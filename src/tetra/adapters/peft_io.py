@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from tetra.adapters.lora import LoRAConfig, apply_lora, lora_modules
-from tetra.errors import CheckpointError
+from tetra.errors import CheckpointError, ConfigError
 from tetra.files import read_json, write_json
 from tetra.model import Transformer
 from tetra.model.hf_weights import hf_module_name, tetra_module_name
@@ -32,6 +32,16 @@ def is_adapter_only(path: str | Path) -> bool:
     folder = Path(path)
     weights = ("model.safetensors", "model.safetensors.index.json", "config.json", "shards")
     return (folder / ADAPTER_CONFIG).is_file() and not any((folder / name).exists() for name in weights)
+
+
+def check_peft_names(model: Transformer) -> None:
+    """Refuse, before any training, adapters that could not be saved in PEFT's format."""
+    try:
+        _hf_names(model)
+    except CheckpointError:
+        raise ConfigError(f"LoRA checkpoints are PEFT adapter folders, and the {model.config.family} layout has no "
+                          "one-to-one PEFT module names (GPT-2 fuses q, k and v into one Conv1D). Fine-tune this "
+                          "model fully (no [lora]), or use a Llama-, Qwen2-, Mistral- or OPT-style model.") from None
 
 
 def _hf_names(model: Transformer) -> dict[str, str]:
@@ -106,6 +116,9 @@ def load_peft_adapter(model: Transformer, folder: str | Path) -> list[str]:
     if unknown:
         raise CheckpointError(f"The adapter in {folder} has tensors for modules a {model.config.family} model does "
                               f"not have: {', '.join(unknown[:4])}. It was trained on another base model.")
+    if not isinstance(config.get("r"), int) or not isinstance(config.get("lora_alpha"), (int, float)):
+        raise CheckpointError(f"{folder / ADAPTER_CONFIG} lacks an integer 'r' or a numeric 'lora_alpha'; it is not "
+                              "a complete LoRA adapter configuration.")
     rank = int(config["r"])
     scale_alpha = float(config["lora_alpha"])
     if config.get("use_rslora"):  # rank-stabilized LoRA scales by alpha / sqrt(r): the same as alpha' / r
@@ -124,8 +137,9 @@ def _load_extras(model: Transformer, tensors: dict[str, torch.Tensor], folder: P
     if extras["embed"] is None and extras["head"] is None:
         return
     rows = next(value.shape[0] for value in extras.values() if value is not None)
-    if rows < model.config.vocab_size or any(v is not None and v.shape[1] != model.config.hidden_size
-                                             for v in extras.values()):
+    shapes = {tuple(value.shape) for value in extras.values() if value is not None}
+    if rows < model.config.vocab_size or len(shapes) > 1 or any(v is not None and v.shape[1] != model.config.hidden_size
+                                                                for v in extras.values()):
         raise CheckpointError(f"The adapter in {folder} saves token tables of {rows} rows that do not fit this "
                               f"model ({model.config.vocab_size} x {model.config.hidden_size}): another base model.")
     old = model.config.vocab_size

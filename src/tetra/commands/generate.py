@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     start = time.perf_counter()
     completions = generate_text(model, tokenizer, prompts, args.max_new_tokens, sampling, args.seed, args.stop,
-                                on_text=show if streaming else None)
+                                on_text=show if streaming else None, add_special_tokens=not args.chat)
     seconds = time.perf_counter() - start
     tokens = sum(len(c.token_ids) for c in completions)
     if args.json:

@@ -64,6 +64,12 @@ def messages_from_record(record: Any, format: str) -> list[dict[str, str]]:
     raise DataError(f"--format {format!r} is unknown; choose one of {', '.join(FORMATS)}")
 
 
+def require_assistant_text(messages: list[dict[str, str]]) -> None:
+    """Refuse a conversation whose assistant turns are all empty: nothing in it would be trained."""
+    if not any(message["role"] == "assistant" and message["content"].strip() for message in messages):
+        raise RecordError("it has no assistant message with text, so nothing would be trained")
+
+
 @dataclass
 class EncodedConversation:
     """Token ids of one rendered conversation and which of them the loss trains on."""
@@ -107,8 +113,7 @@ class ChatEncoder:
 
     def encode(self, messages: list[dict[str, str]]) -> EncodedConversation:
         """Token ids and mask of one conversation; a conversation with no assistant text is refused."""
-        if not any(message["role"] == "assistant" and message["content"].strip() for message in messages):
-            raise RecordError("it has no assistant message with text, so nothing would be trained")
+        require_assistant_text(messages)
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=False)
         encoding = self.tokenizer.backend.encode(text, add_special_tokens=False)
         tokens = np.asarray(encoding.ids, dtype=np.int64)

@@ -76,9 +76,12 @@ def tokenizer_from_gguf(metadata: dict[str, Any]) -> TextTokenizer:
     types: list[int] = list(metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens))
     alphabet = _byte_alphabet()
     letters = set(alphabet.values())
-    # Tokens written outside the byte alphabet (a literal space in a mislabelled token) are respelled in it.
-    spelled = [token if set(token) <= letters else "".join(alphabet[b] for b in token.encode("utf-8"))
-               for token in tokens]
+    # Ordinary tokens written outside the byte alphabet (a literal space) are respelled in it; control and
+    # user-defined tokens keep their spelling, since they are matched whole in the text (DeepSeek's
+    # <｜begin▁of▁sentence｜> is not byte-alphabet text).
+    spelled = [token if set(token) <= letters or kind in (CONTROL, USER_DEFINED)
+               else "".join(alphabet[b] for b in token.encode("utf-8"))
+               for token, kind in zip(tokens, types, strict=True)]
     vocab = {token: index for index, token in enumerate(spelled)}
     merges = [tuple(merge.split(" ", 1)) for merge in metadata.get("tokenizer.ggml.merges") or []]
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
@@ -86,8 +89,7 @@ def tokenizer_from_gguf(metadata: dict[str, Any]) -> TextTokenizer:
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
     backend.add_special_tokens([AddedToken(token, normalized=False, special=True)
-                                for token, kind in zip(tokens, types, strict=True)
-                                if kind == CONTROL and set(token) <= letters])
+                                for token, kind in zip(tokens, types, strict=True) if kind == CONTROL])
     backend.add_tokens([AddedToken(token, normalized=False, special=False)
                         for token, kind in zip(spelled, types, strict=True) if kind == USER_DEFINED])
     bos = _special(metadata, tokens, "bos_token_id")

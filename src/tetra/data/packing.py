@@ -18,26 +18,22 @@ from tetra.errors import DataError
 
 def pack_documents(lengths: np.ndarray, capacity: int, seed: int) -> list[list[int]]:
     """Rows of document indices, each row's total length <= capacity: documents in a seeded order, first fit
-    among the open rows (so short documents fill the gaps long ones leave). Deterministic in (lengths, seed)."""
+    among the rows so far (so short documents fill the gaps long ones leave). Deterministic in (lengths, seed);
+    the search is one vectorized comparison per document."""
     order = np.random.default_rng([seed, 7]).permutation(len(lengths))
-    shortest = int(lengths.min()) if len(lengths) else 0
     rows: list[list[int]] = []
-    free: list[int] = []
-    open_rows: list[int] = []  # rows with room for at least the shortest document: the scan stays short
+    free = np.empty(len(lengths), dtype=np.int64)  # room left in each row (at most one row per document)
     for document in order.tolist():
         length = int(lengths[document])
-        for position, row in enumerate(open_rows):  # noqa: B007 (position is used after the loop)
-            if length <= free[row]:
-                break
+        fits = np.flatnonzero(free[: len(rows)] >= length)
+        if len(fits):
+            row = int(fits[0])
         else:
-            row, position = len(rows), len(open_rows)
+            row = len(rows)
             rows.append([])
-            free.append(capacity)
-            open_rows.append(row)
+            free[row] = capacity
         rows[row].append(document)
         free[row] -= length
-        if free[row] < max(shortest, 1):
-            del open_rows[position]
     return rows
 
 

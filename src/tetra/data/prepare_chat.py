@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tetra.data.chat import ChatEncoder, EncodedConversation, RecordError, messages_from_record
+from tetra.data.chat import ChatEncoder, EncodedConversation, RecordError, messages_from_record, require_assistant_text
 from tetra.data.refusal import RefusalTokens
 from tetra.data.shards import ShardWriter
 from tetra.data.sources import iter_records
@@ -66,6 +66,7 @@ def prepare_chat_data(source: str, tokenizer: TextTokenizer, writers: dict[str, 
                 raise record
             messages = messages_from_record(record, options.format)
             if options.refusal is not None:
+                require_assistant_text(messages)  # before the token makes every reply non-empty
                 messages = options.refusal.mark(messages, record)
             encoded = encoder.encode(messages)
         except RecordError as error:

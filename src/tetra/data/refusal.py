@@ -77,4 +77,8 @@ def refusal_table(tokenizer: TextTokenizer) -> dict[str, Any] | None:
     if not isinstance(table, dict):
         return None
     ids = {name: tokenizer.backend.token_to_id(token) for name, token in table["refuse"].items()}
-    return {"respond": tokenizer.backend.token_to_id(table["respond"]), "refuse": ids}
+    respond = tokenizer.backend.token_to_id(table["respond"])
+    if respond is None or None in ids.values():
+        raise DataError("The tokenizer's config lists refusal tokens its vocabulary does not have; the tokenizer "
+                        "files do not belong together. Use the tokenizer saved with the trained model.")
+    return {"respond": respond, "refuse": ids}

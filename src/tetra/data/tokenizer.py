@@ -113,9 +113,13 @@ class TextTokenizer:
 
         environment = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
         environment.globals["raise_exception"] = _raise_template_error
-        return environment.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        try:
+            return environment.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except jinja2.TemplateError as error:
+            raise DataError(f"The tokenizer's chat template failed on these messages ({error}). Check the "
+                            "template in tokenizer_config.json, or the messages' roles and order.") from None
 
 
 def _raise_template_error(message: str) -> None:

@@ -53,7 +53,8 @@ def decide_refusals(model: Transformer, tokenizer: TextTokenizer, prompts: list[
     check_thresholds(thresholds, list(table["refuse"]))
     device = next(model.parameters()).device
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
-    ids, attention = left_pad([tokenizer.encode(prompt) for prompt in prompts], pad, device)
+    # Templated prompts hold their own special tokens, as in training (prepared with add_special_tokens=False).
+    ids, attention = left_pad([tokenizer.encode(prompt, add_special_tokens=False) for prompt in prompts], pad, device)
     logits = model(ids, attention_mask=attention, last_only=True)[:, -1].float()
     probabilities = torch.softmax(logits / max(temperature, 1e-6), dim=-1).cpu()
     decisions = []

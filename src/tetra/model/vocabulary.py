@@ -1,7 +1,8 @@
 """Growing a model's vocabulary for added tokens: new embedding (and untied head) rows start at the mean of the
 existing rows, the usual choice that keeps the new tokens' first logits unremarkable.
 
-Entry point: grow_vocabulary(model, vocab_size) -> the number of rows added.
+Entry points: grow_vocabulary(model, vocab_size) -> the number of rows added; reset_rows_to_mean(model, first,
+last) for added tokens that land in a table's spare rows.
 """
 
 from __future__ import annotations
@@ -32,3 +33,12 @@ def grow_vocabulary(model: Transformer, vocab_size: int) -> int:
         model.head.out_features = vocab_size
     model.config.vocab_size = vocab_size
     return added
+
+
+def reset_rows_to_mean(model: Transformer, first: int, last: int) -> None:
+    """Token rows [first, last) (added tokens) set to the mean of the rows before them, in the embedding and an
+    untied head: a model whose table already had unused rows past its tokenizer gets the same start as a grown one."""
+    tables = [model.embed.weight] if model.config.tie_embeddings else [model.embed.weight, model.head.weight]
+    with torch.no_grad():
+        for table in tables:
+            table[first:last] = table[:first].float().mean(dim=0).to(table.dtype)

@@ -15,13 +15,15 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from tetra.config import RunConfig
+from tetra.data.gguf_tokenizer import load_tokenizer
 from tetra.data.shards import PreparedData
 from tetra.data.tokenizer import TextTokenizer
 from tetra.errors import ConfigError, DataError
 from tetra.model import ModelConfig, Transformer
+from tetra.model.gguf_io import is_gguf_file
 from tetra.model.io import load_model
 from tetra.model.presets import PRESETS
-from tetra.model.vocabulary import grow_vocabulary
+from tetra.model.vocabulary import grow_vocabulary, reset_rows_to_mean
 from tetra.parallel.gemm_layout import IN_OUT, LayoutCache, Shape, agree_on_layouts, choose_layouts, default_cache_path
 from tetra.parallel.grid import ProcessGrid
 from tetra.parallel.parallelize import linear_block_shapes
@@ -67,8 +69,9 @@ def check_model_fits_data(model_config: ModelConfig, config: RunConfig, data: Pr
     if model_config.vocab_size < data.vocab_size:
         problems.append(f"the model's vocabulary ({model_config.vocab_size}) is smaller than the tokenizer's "
                         f"({data.vocab_size}) used to prepare {data.folder}")
-    if tokenizer_folder is not None and (tokenizer_folder / "tokenizer.json").is_file():
-        fingerprint = TextTokenizer.load(tokenizer_folder).fingerprint()
+    if tokenizer_folder is not None and ((tokenizer_folder / "tokenizer.json").is_file()
+                                         or is_gguf_file(tokenizer_folder)):
+        fingerprint = load_tokenizer(tokenizer_folder).fingerprint()
         if fingerprint != data.meta["tokenizer_fingerprint"]:
             problems.append(f"the tokenizer in {tokenizer_folder} is not the one {data.folder} was prepared with; "
                             "prepare the data again with `--tokenizer` pointing at the model's tokenizer")
@@ -86,13 +89,14 @@ def build_model_for_run(config: RunConfig, explicit_model: dict[str, Any], data:
         source = Path(config.init.checkpoint)
         model = load_model(source, dtype=torch.float32, device=device)
         _check_explicit_keys_agree(model.config, explicit_model, source)
-        own_tokenizer = source if (source / "tokenizer.json").is_file() else None
+        own_tokenizer = source if (source / "tokenizer.json").is_file() or is_gguf_file(source) else None
         if _data_extends_tokenizer(data, own_tokenizer):
-            # The data added tokens (refusal tokens) to this model's tokenizer: grow the vocabulary to match
-            # (a model whose table already has unused rows past its tokenizer needs none).
-            old = model.config.vocab_size
-            if grow_vocabulary(model, data.vocab_size):
-                model.added_token_rows = (old, data.vocab_size)
+            # The data added tokens (refusal tokens) to this model's tokenizer: grow the vocabulary to match (a
+            # table with unused rows past its tokenizer needs no growth) and start the added rows at the mean.
+            first = int(data.meta["base_vocab_size"])
+            grow_vocabulary(model, data.vocab_size)
+            reset_rows_to_mean(model, first, data.vocab_size)
+            model.added_token_rows = (first, data.vocab_size)
             own_tokenizer = None
         tokenizer_folder = own_tokenizer or data.tokenizer_folder
         check_model_fits_data(model.config, config, data, own_tokenizer)
@@ -112,7 +116,7 @@ def _data_extends_tokenizer(data: PreparedData, tokenizer_folder: Path | None) -
     base = data.meta.get("base_tokenizer_fingerprint")
     if base is None or data.vocab_size <= data.meta.get("base_vocab_size", data.vocab_size):
         return False
-    return tokenizer_folder is None or TextTokenizer.load(tokenizer_folder).fingerprint() == base
+    return tokenizer_folder is None or load_tokenizer(tokenizer_folder).fingerprint() == base
 
 
 def auto_grid(config: RunConfig, model_config: ModelConfig, world: int) -> tuple[RunConfig, str]:

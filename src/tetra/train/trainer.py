@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from tetra.adapters.lora import apply_lora, store_frozen_weights_in, train_added_token_rows
+from tetra.adapters.peft_io import check_peft_names
 from tetra.config import RunConfig
 from tetra.data.batch import as_batch
 from tetra.data.loader import PackedBatches
@@ -125,6 +126,9 @@ def _open_batches(config: RunConfig, data: PreparedData, replica: Replica) -> tu
     (and data.packing = documents) packs whole documents, plain text is cut from one stream."""
     share = dict(rank=replica.batch_rank, world_size=replica.batch_ranks)
     packing = config.data.packing
+    if packing == "stream" and data.has_loss_mask:
+        raise ConfigError(f"data.packing = \"stream\" cuts sequences across conversations and would ignore the loss "
+                          f"mask of {data.folder}; chat data trains with data.packing = \"documents\" (or auto).")
     if packing == "documents" or (packing == "auto" and data.has_loss_mask):
         pad = dict(pad_id=int(data.meta.get("pad_id", data.eos_id)))
         train = DocumentBatches(data.split("train"), config.data.seq_len, config.train.batch_size, config.data.seed,
@@ -182,6 +186,7 @@ def build_loop(config: RunConfig, explicit_model: dict[str, Any]) -> tuple[Loop,
             raise ConfigError("LoRA does not run on the 4D grid yet (its layers would replace the adapted Linears). "
                               "Launch with parallel.strategy=ddp for data parallelism, or on one process.")
         apply_lora(model, config.lora, base=config.init.checkpoint or None, seed=config.train.seed)
+        check_peft_names(model)  # before training, not at the first checkpoint
         if hasattr(model, "added_token_rows"):  # new tokens (refusal tokens) need trainable embeddings
             train_added_token_rows(model, model.added_token_rows[0], config.lora.new_token_lr_scale)
     if config.train.neftune.alpha > 0:
