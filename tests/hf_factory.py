@@ -58,3 +58,19 @@ def build_hf_model(variant: str, seed: int = 0, dtype: torch.dtype = torch.float
             if name.endswith("bias") or "norm" in name or "ln_" in name:
                 parameter.add_(torch.randn_like(parameter) * 0.1)
     return model.to(dtype).eval()
+
+
+def save_tiny_base(folder, tokenizer_folder, max_positions: int = 128):
+    """A tiny tetra Llama (seed 0) sized to a tokenizer, saved as a Hugging Face folder with that tokenizer: the
+    base model fine-tuning tests start from."""
+    from tetra.data.tokenizer import TextTokenizer
+    from tetra.model import ModelConfig, Transformer
+    from tetra.model.io import save_hf_model
+
+    tokenizer = TextTokenizer.load(tokenizer_folder)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, n_layers=2, n_heads=4,
+                                    n_kv_heads=2, max_position_embeddings=max_positions,
+                                    eos_token_id=tokenizer.eos_id))
+    model.init_weights(0.1)
+    return save_hf_model(model, folder, tokenizer_from=tokenizer_folder)

@@ -120,17 +120,11 @@ def test_gpt2_adapters_are_refused_in_peft_format(hf_folder, tmp_path):
 @pytest.fixture
 def lora_run(tmp_path):
     """A tiny base model saved as a Hugging Face folder, data prepared with its tokenizer, and a LoRA run config."""
+    from hf_factory import save_tiny_base
     from tetra.data.tokenizer import train_bpe
-    from tetra.model import ModelConfig, Transformer
-    from tetra.model.io import save_hf_model
 
-    tokenizer = train_bpe(SAMPLE_TEXT, vocab_size=300)
-    tokenizer.save(tmp_path / "tokenizer")
-    torch.manual_seed(0)
-    base = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, n_layers=2, n_heads=4,
-                                   n_kv_heads=2, max_position_embeddings=64, eos_token_id=tokenizer.eos_id))
-    base.init_weights(0.1)
-    save_hf_model(base, tmp_path / "base", tokenizer_from=tmp_path / "tokenizer")
+    train_bpe(SAMPLE_TEXT, vocab_size=300).save(tmp_path / "tokenizer")
+    save_tiny_base(tmp_path / "base", tmp_path / "tokenizer", max_positions=64)
     (tmp_path / "corpus.txt").write_text("".join(SAMPLE_TEXT))
     assert main(["data", "prepare", str(tmp_path / "corpus.txt"), "--tokenizer", str(tmp_path / "base"),
                  "--out", str(tmp_path / "data"), "--val-fraction", "0"]) == 0

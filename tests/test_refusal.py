@@ -34,19 +34,14 @@ def base(tmp_path):
     """A tiny untied Llama saved as a Hugging Face folder with a ChatML tokenizer."""
     from tokenizers import AddedToken
 
-    from tetra.model import ModelConfig, Transformer
-    from tetra.model.io import save_hf_model
+    from hf_factory import save_tiny_base
 
     tokenizer = train_bpe(SAMPLE_TEXT, vocab_size=300)
     tokenizer.backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                           for t in ("<|im_start|>", "<|im_end|>")])
     tokenizer.chat_template, tokenizer.eos_token = CHATML, "<|im_end|>"
     tokenizer.save(tmp_path / "tokenizer")
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, n_layers=2, n_heads=4,
-                                    n_kv_heads=2, max_position_embeddings=128, eos_token_id=tokenizer.eos_id))
-    model.init_weights(0.1)
-    save_hf_model(model, tmp_path / "base", tokenizer_from=tmp_path / "tokenizer")
+    save_tiny_base(tmp_path / "base", tmp_path / "tokenizer")
     source = tmp_path / "chats.jsonl"
     source.write_text("".join(json.dumps(record) + "\n" for record in _records()))
     return tmp_path
