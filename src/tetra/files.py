@@ -1,6 +1,6 @@
 """Safe file output: a folder is built beside its destination and renamed into place only when complete.
 
-Entry points: atomic_directory(path, overwrite) and read_json(path, what).
+Entry points: atomic_directory(path, overwrite), read_json(path, what), write_json, and is_gguf_file(path).
 """
 
 from __future__ import annotations
@@ -57,3 +57,12 @@ def read_json(path: Path, what: str) -> Any:
 def write_json(path: Path, value: Any) -> None:
     """Write indented JSON with a trailing newline."""
     path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+
+
+def is_gguf_file(path: str | Path) -> bool:
+    """A file whose first four bytes are GGUF's magic (llama.cpp's model format)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with path.open("rb") as handle:
+        return handle.read(4) == b"GGUF"

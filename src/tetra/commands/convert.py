@@ -18,8 +18,8 @@ from tetra.commands.common import print_json
 from tetra.data.gguf_tokenizer import load_tokenizer
 from tetra.devices import resolve_dtype
 from tetra.errors import CheckpointError, ConfigError
+from tetra.files import is_gguf_file
 from tetra.model import Transformer
-from tetra.model.gguf_io import is_gguf_file
 from tetra.model.io import load_model, save_hf_model, save_model
 
 EXAMPLES = """examples:

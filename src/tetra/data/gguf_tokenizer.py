@@ -17,6 +17,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from tetra.data.tokenizer import TextTokenizer
 from tetra.errors import DataError
+from tetra.files import is_gguf_file
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -109,17 +110,10 @@ def tokenizer_from_gguf(metadata: dict[str, Any]) -> TextTokenizer:
                          chat_template=template if isinstance(template, str) else None, extra_config=extra)
 
 
-def _is_gguf(path: Path) -> bool:
-    if not path.is_file():
-        return False
-    with path.open("rb") as handle:
-        return handle.read(4) == b"GGUF"
-
-
 def load_tokenizer(path: str | Path) -> TextTokenizer:
     """The tokenizer of a folder (tokenizer.json) or of a GGUF model file (rebuilt from its metadata)."""
     path = Path(path)
-    if not _is_gguf(path):
+    if not is_gguf_file(path):
         return TextTokenizer.load(path)
     import gguf
 

@@ -3,8 +3,8 @@
 llama.cpp's converter reorders the rows of the query and key projections of Llama-architecture models (it pairs
 rotary halves by interleaving); reading undoes that so the weights match the Hugging Face layout tetra uses.
 
-Entry points: read_gguf(path, dtype) -> GGUFModel, read_gguf_config(path), read_gguf_metadata(path) and
-is_gguf_file(path).
+Entry points: read_gguf(path, dtype) -> GGUFModel, read_gguf_config(path) and read_gguf_metadata(path)
+(tetra.files.is_gguf_file tells a GGUF file by its magic bytes).
 """
 
 from __future__ import annotations
@@ -194,12 +194,3 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> GGUFModel
         tensors[target] = value.to(dtype)
     config.dtype = str(dtype).removeprefix("torch.")
     return GGUFModel(config, tensors, metadata)
-
-
-def is_gguf_file(path: str | Path) -> bool:
-    """A file whose first four bytes are GGUF's magic."""
-    path = Path(path)
-    if not path.is_file():
-        return False
-    with path.open("rb") as handle:
-        return handle.read(4) == b"GGUF"

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from tetra.errors import CheckpointError, ConfigError
-from tetra.files import atomic_directory, read_json, write_json
+from tetra.files import atomic_directory, is_gguf_file, read_json, write_json
 from tetra.model.config import ModelConfig
-from tetra.model.gguf_io import is_gguf_file, read_gguf, read_gguf_config
+from tetra.model.gguf_io import read_gguf, read_gguf_config
 from tetra.model.hf_config import from_hf_config, to_hf_config
 from tetra.model.hf_weights import hf_to_tetra_state, normalize_hf_names, tetra_to_hf_state
 from tetra.model.safetensors_io import read_tensors, write_tensors

@@ -19,8 +19,8 @@ from tetra.data.gguf_tokenizer import load_tokenizer
 from tetra.data.shards import PreparedData
 from tetra.data.tokenizer import TextTokenizer
 from tetra.errors import ConfigError, DataError
+from tetra.files import is_gguf_file
 from tetra.model import ModelConfig, Transformer
-from tetra.model.gguf_io import is_gguf_file
 from tetra.model.io import load_model
 from tetra.model.presets import PRESETS
 from tetra.model.vocabulary import grow_vocabulary, reset_rows_to_mean
