@@ -74,3 +74,21 @@ def save_tiny_base(folder, tokenizer_folder, max_positions: int = 128):
                                     eos_token_id=tokenizer.eos_id))
     model.init_weights(0.1)
     return save_hf_model(model, folder, tokenizer_from=tokenizer_folder)
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def save_chat_tokenizer(folder, texts, vocab_size: int = 400):
+    """A BPE tokenizer trained on texts with ChatML's two special tokens and template (EOS = <|im_end|>)."""
+    from tokenizers import AddedToken
+
+    from tetra.data.tokenizer import train_bpe
+
+    tokenizer = train_bpe(texts, vocab_size=vocab_size)
+    tokenizer.backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                          for t in ("<|im_start|>", "<|im_end|>")])
+    tokenizer.chat_template, tokenizer.eos_token = CHATML, "<|im_end|>"
+    tokenizer.save(folder)
+    return folder

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import SAMPLE_TEXT
+from hf_factory import save_chat_tokenizer
 from tetra.cli import main
 from tetra.data.batch import IGNORE_INDEX
 from tetra.data.chat import ChatEncoder
@@ -20,8 +21,6 @@ from tetra.data.tokenizer import TextTokenizer, train_bpe
 from tetra.model import ModelConfig, Transformer
 from tetra.train.losses import per_token_loss
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def add(a, b)?"},
                 {"role": "assistant", "content": "return a + b"}, {"role": "user", "content": "and import os?"},
                 {"role": "assistant", "content": "print(name)"}]
@@ -29,15 +28,7 @@ CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "co
 
 @pytest.fixture(scope="module")
 def chat_tokenizer(tmp_path_factory) -> Path:
-    from tokenizers import AddedToken
-
-    tokenizer = train_bpe(SAMPLE_TEXT, vocab_size=400)
-    tokenizer.backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                          for t in ("<|im_start|>", "<|im_end|>")])
-    tokenizer.chat_template, tokenizer.eos_token = CHATML, "<|im_end|>"
-    folder = tmp_path_factory.mktemp("chat-tokenizer")
-    tokenizer.save(folder)
-    return folder
+    return save_chat_tokenizer(tmp_path_factory.mktemp("chat-tokenizer"), SAMPLE_TEXT)
 
 
 def _trained_text(tokenizer: TextTokenizer, encoded) -> list[str]:

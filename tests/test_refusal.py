@@ -13,11 +13,8 @@ from conftest import SAMPLE_TEXT
 from tetra.cli import main
 from tetra.data.refusal import refusal_table
 from tetra.data.shards import PreparedData
-from tetra.data.tokenizer import TextTokenizer, train_bpe
+from tetra.data.tokenizer import TextTokenizer
 from tetra.infer.refusal import decide_refusals
-
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def _records() -> list[dict]:
@@ -32,15 +29,9 @@ def _records() -> list[dict]:
 @pytest.fixture
 def base(tmp_path):
     """A tiny untied Llama saved as a Hugging Face folder with a ChatML tokenizer."""
-    from tokenizers import AddedToken
+    from hf_factory import save_chat_tokenizer, save_tiny_base
 
-    from hf_factory import save_tiny_base
-
-    tokenizer = train_bpe(SAMPLE_TEXT, vocab_size=300)
-    tokenizer.backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                          for t in ("<|im_start|>", "<|im_end|>")])
-    tokenizer.chat_template, tokenizer.eos_token = CHATML, "<|im_end|>"
-    tokenizer.save(tmp_path / "tokenizer")
+    save_chat_tokenizer(tmp_path / "tokenizer", SAMPLE_TEXT, vocab_size=300)
     save_tiny_base(tmp_path / "base", tmp_path / "tokenizer")
     source = tmp_path / "chats.jsonl"
     source.write_text("".join(json.dumps(record) + "\n" for record in _records()))

@@ -9,10 +9,10 @@ import argparse
 import sys
 
 from tetra import __version__
-from tetra.commands import calibrate, convert, data, generate, init, memorization, plan, tokenizer, train
+from tetra.commands import calibrate, convert, data, generate, init, memorization, plan, serve, tokenizer, train
 from tetra.errors import TetraError
 
-COMMAND_GROUPS = (train, generate, memorization, data, tokenizer, convert, plan, calibrate, init)
+COMMAND_GROUPS = (train, generate, serve, memorization, data, tokenizer, convert, plan, calibrate, init)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ class Completion:
     finish_reason: str = "length"
 
 
-class _TextStream:
+class TextStream:
     """Incremental detokenization for one row: emits only text that is final.
 
     Text is held back while it ends inside a multi-byte character or could still grow into a stop string.
@@ -78,7 +78,7 @@ def generate_text(
     """A completion per prompt (batched, left-padded); on_text(row, piece) receives text as it becomes final.
     add_special_tokens=False for prompts a chat template rendered: they already hold their BOS."""
     stop_strings = [s for s in (stop_strings or []) if s]
-    streams = [_TextStream(tokenizer, stop_strings) for _ in prompts]
+    streams = [TextStream(tokenizer, stop_strings) for _ in prompts]
     eos_ids = sorted(set(model.config.eos_token_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set()))
 
     def on_step(appended: dict[int, int]) -> set[int]:

@@ -111,7 +111,9 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Final-norm hidden states [B, T, hidden].
 
-        attention_mask marks real tokens (1) vs padding (0) over cache + new tokens, shape [B, cache_start + T].
+        attention_mask marks real tokens (1) vs padding (0) over cache + new tokens, shape [B, cache_start + T]; a
+        4-D boolean [B, 1, T, S] mask is used as it is (a decoder whose rows sit at different positions builds its
+        own, and then passes position_ids too).
         document_ids [B, T] (training on packed documents): positions restart at each document and attention stays
         inside it, so each document is computed exactly as if it were alone.
         """
@@ -120,6 +122,8 @@ class Transformer(nn.Module):
         if document_ids is not None:
             position_ids = packed_positions(document_ids) if position_ids is None else position_ids
         elif position_ids is None:
+            if attention_mask is not None and attention_mask.dim() == 4:
+                raise ValueError("a 4-D attention_mask needs explicit position_ids")
             position_ids = positions_for(batch, length, cache_start, attention_mask, device)
         x = self.embed(input_ids)
         rotary = None
@@ -130,6 +134,8 @@ class Transformer(nn.Module):
         x = self.embed_dropout(x)
         if document_ids is not None:
             mask = packed_attention_mask(document_ids, self.config.sliding_window)
+        elif attention_mask is not None and attention_mask.dim() == 4:
+            mask = attention_mask
         else:
             mask = attention_mask_for(length, cache_start, attention_mask, self.config.sliding_window, device)
         for block in self.blocks:

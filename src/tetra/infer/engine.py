@@ -1,0 +1,243 @@
+"""A generation engine with continuous batching: requests wait in a queue, join the running batch between decode
+steps (each in its own KV-cache slot, at its own position), and leave it the moment they finish.
+
+Entry points: Engine (submit(request, sink) from any thread; step() or start() to run it), GenerationRequest,
+TokenSink (what the engine reports back: prompt scores, each token, the end).
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from tetra.infer.logprobs import TokenLogprob, logprobs_of, prompt_logprobs
+from tetra.infer.sampling import SamplingConfig, sample_next
+from tetra.infer.slot_cache import SlotCache, decode_mask
+from tetra.model import Transformer
+
+# How long an idle engine thread waits for a request before checking whether it was asked to stop.
+IDLE_WAIT_S = 0.05
+
+
+class TokenSink(Protocol):
+    """Receives one request's results, called from the engine's thread."""
+
+    def prompt_scored(self, logprobs: list[TokenLogprob | None]) -> None:
+        """The prompt's own token log-probabilities (only when the request asked for them)."""
+
+    def token(self, token_id: int, logprob: TokenLogprob | None) -> bool:
+        """A new token; return True to stop the request here (a stop string was completed, say)."""
+
+    def finished(self, reason: str, error: BaseException | None) -> None:
+        """The request is over: reason is 'stop' (an EOS id or the sink), 'length', 'cancelled' or 'error'."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One sequence to continue."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0))
+    seed: int | None = None
+    stop_ids: frozenset[int] = frozenset()
+    logprobs: int | None = None  # None: no log-probabilities; k >= 0: each token's, with the top k alternatives
+    score_prompt: bool = False  # also report the prompt tokens' log-probabilities (OpenAI's echo + logprobs)
+
+
+@dataclass
+class _Job:
+    request: GenerationRequest
+    sink: TokenSink
+    generator: torch.Generator
+    slot: int = -1
+    position: int = 0  # where this sequence's next token goes in its slot
+    generated: int = 0
+    pending: torch.Tensor | None = None  # logits [vocab] for the next token
+    cancelled: bool = False
+
+
+class Ticket:
+    """A handle on a submitted request; cancel() ends it before its next token (a client that went away)."""
+
+    def __init__(self, job: _Job) -> None:
+        self._job = job
+
+    def cancel(self) -> None:
+        self._job.cancelled = True
+
+
+class Engine:
+    """Batched KV-cache decoding over a fixed number of slots. continuous=False is static batching: a batch is
+    formed only when the previous one has entirely finished (the baseline continuous batching is measured against).
+    """
+
+    def __init__(self, model: Transformer, max_batch_size: int = 8, max_length: int | None = None,
+                 continuous: bool = True) -> None:
+        self.model = model.eval()
+        self.device = model.embed.weight.device
+        self.max_length = max_length or model.config.max_position_embeddings
+        self.continuous = continuous
+        self.cache = SlotCache(model.config, max_batch_size, self.max_length, model.embed.weight.dtype, self.device)
+        self.inbox: queue.Queue[_Job] = queue.Queue()
+        self.waiting: deque[_Job] = deque()
+        self.active: dict[int, _Job] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ----- submitting (any thread)
+    def submit(self, request: GenerationRequest, sink: TokenSink) -> Ticket:
+        """Queue a request; raises ValueError when it cannot fit this engine's context."""
+        total = len(request.prompt_ids) + request.max_new_tokens
+        if not request.prompt_ids:
+            raise ValueError("a request needs at least one prompt token")
+        if total > self.max_length:
+            raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) plus max_new_tokens "
+                             f"({request.max_new_tokens}) is {total}, over the context of {self.max_length} tokens")
+        generator = torch.Generator(device=self.device)
+        if request.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(request.seed)
+        job = _Job(request, sink, generator)
+        self.inbox.put(job)
+        return Ticket(job)
+
+    # ----- running (one thread)
+    def start(self) -> None:
+        """Run the engine loop in a background thread until stop()."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="tetra-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if not self.active and not self.waiting:
+                try:
+                    self.waiting.append(self.inbox.get(timeout=IDLE_WAIT_S))
+                except queue.Empty:
+                    continue
+            self.step()
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Admit what may join, then emit one token for every running sequence; False when there was nothing."""
+        while True:
+            try:
+                self.waiting.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        for slot, job in list(self.active.items()):
+            if job.cancelled:
+                self._finish(slot, "cancelled")
+        if self.continuous or not self.active:
+            self._admit()
+        if not self.active:
+            return False
+        self._decode()
+        return True
+
+    def _admit(self) -> None:
+        free = [slot for slot in range(self.cache.slots) if slot not in self.active]
+        while free and self.waiting:
+            job = self.waiting.popleft()
+            if job.cancelled:
+                job.sink.finished("cancelled", None)
+                continue
+            job.slot = free.pop(0)
+            try:
+                self._prefill(job)
+            except Exception as error:  # one bad request must not take the engine down
+                traceback.print_exc(file=sys.stderr)
+                job.sink.finished("error", error)
+                free.insert(0, job.slot)
+                continue
+            if job.request.max_new_tokens == 0:
+                job.sink.finished("length", None)
+                free.insert(0, job.slot)
+                continue
+            self.active[job.slot] = job
+
+    def _prefill(self, job: _Job) -> None:
+        ids = job.request.prompt_ids
+        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
+        view = self.cache.prefill_view(job.slot)
+        if job.request.score_prompt:
+            hidden = self.model(tokens, kv_cache=view, hidden_only=True)[0]
+            job.sink.prompt_scored(prompt_logprobs(self.model, hidden, ids, job.request.logprobs or 0))
+            job.pending = self.model.head(hidden[-1:])[0].float()
+        else:
+            job.pending = self.model(tokens, kv_cache=view, last_only=True)[0, -1].float()
+        job.position = len(ids)
+
+    def _decode(self) -> None:
+        jobs = sorted(self.active.values(), key=lambda job: job.slot)
+        logits = torch.stack([job.pending for job in jobs])
+        chosen = self._sample(jobs, logits)
+        scores = self._scores(jobs, logits, chosen)
+        running = []
+        for job, token, score in zip(jobs, chosen.tolist(), scores, strict=True):
+            job.generated += 1
+            stop_requested = job.sink.token(token, score)
+            if token in job.request.stop_ids or stop_requested:
+                self._finish(job.slot, "stop")
+            elif job.generated >= job.request.max_new_tokens:
+                self._finish(job.slot, "length")
+            else:
+                running.append((job, token))
+        if running:
+            try:
+                self._forward(running)
+            except Exception as error:
+                traceback.print_exc(file=sys.stderr)
+                for job, _ in running:
+                    self._finish(job.slot, "error", error)
+
+    def _sample(self, jobs: list[_Job], logits: torch.Tensor) -> torch.Tensor:
+        chosen = logits.argmax(dim=-1)
+        for row, job in enumerate(jobs):
+            if not job.request.sampling.greedy:
+                chosen[row] = sample_next(logits[row : row + 1], job.request.sampling, job.generator)[0]
+        return chosen
+
+    @staticmethod
+    def _scores(jobs: list[_Job], logits: torch.Tensor, chosen: torch.Tensor) -> list[TokenLogprob | None]:
+        wanted = [row for row, job in enumerate(jobs) if job.request.logprobs is not None]
+        scores: list[TokenLogprob | None] = [None] * len(jobs)
+        if wanted:
+            top = max(jobs[row].request.logprobs or 0 for row in wanted)
+            for row, score in zip(wanted, logprobs_of(logits[wanted], chosen[wanted], top), strict=True):
+                keep = jobs[row].request.logprobs or 0
+                scores[row] = TokenLogprob(score.logprob, score.top[:keep])
+        return scores
+
+    def _forward(self, running: list[tuple[_Job, int]]) -> None:
+        slots = [job.slot for job, _ in running]
+        positions = [job.position for job, _ in running]
+        tokens = torch.tensor([[token] for _, token in running], dtype=torch.long, device=self.device)
+        view = self.cache.decode_view(slots, positions)
+        mask = decode_mask(positions, self.model.config.sliding_window, self.device)
+        position_ids = torch.tensor(positions, device=self.device)[:, None]
+        logits = self.model(tokens, attention_mask=mask, position_ids=position_ids, kv_cache=view,
+                            cache_start=view.length - 1, last_only=True)[:, -1].float()
+        for row, (job, _) in enumerate(running):
+            job.pending = logits[row]
+            job.position += 1
+
+    def _finish(self, slot: int, reason: str, error: BaseException | None = None) -> None:
+        job = self.active.pop(slot)
+        job.pending = None
+        job.sink.finished(reason, error)

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server over infer/: request validation, continuous batching, streaming."""
