@@ -14,11 +14,14 @@ from hf_factory import build_hf_model  # noqa: E402
 
 def pytest_configure(config) -> None:
     """Runs time GEMM layouts and cache them (gemm_layout.py): the tests, and the processes they start, use a
-    cache of their own rather than the user's."""
+    cache of their own rather than the user's. Likewise for Hugging Face datasets."""
     import os
     import tempfile
 
     os.environ["TETRA_CACHE_DIR"] = tempfile.mkdtemp(prefix="tetra-test-cache-")
+    # lm-eval reads its local task data through Hugging Face datasets: never the network, never the user's cache.
+    os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="tetra-test-datasets-")
 
 
 @pytest.fixture

@@ -127,7 +127,8 @@ def test_concurrent_clients_each_get_their_own_tokens(client, served):
             stream = client.completions.create(model=NAME, prompt=prompts[index], max_tokens=14, temperature=0,
                                                stream=True)
             return "".join(chunk.choices[0].text for chunk in stream)
-        return client.completions.create(model=NAME, prompt=prompts[index], max_tokens=14, temperature=0).choices[0].text
+        answer = client.completions.create(model=NAME, prompt=prompts[index], max_tokens=14, temperature=0)
+        return answer.choices[0].text
 
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(ask, range(8))) == expected

@@ -9,10 +9,22 @@ import argparse
 import sys
 
 from tetra import __version__
-from tetra.commands import calibrate, convert, data, generate, init, memorization, plan, serve, tokenizer, train
+from tetra.commands import (
+    calibrate,
+    convert,
+    data,
+    evaluate,
+    generate,
+    init,
+    memorization,
+    plan,
+    serve,
+    tokenizer,
+    train,
+)
 from tetra.errors import TetraError
 
-COMMAND_GROUPS = (train, generate, serve, memorization, data, tokenizer, convert, plan, calibrate, init)
+COMMAND_GROUPS = (train, generate, serve, evaluate, memorization, data, tokenizer, convert, plan, calibrate, init)
 
 
 def build_parser() -> argparse.ArgumentParser:
