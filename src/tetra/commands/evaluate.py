@@ -1,4 +1,5 @@
-"""`tetra eval`: measure a model. `harness` runs EleutherAI lm-eval tasks through tetra's backend.
+"""`tetra eval`: measure a model. `harness` runs EleutherAI lm-eval tasks through tetra's backend; `perplexity`
+scores prepared data or text with a sliding window.
 
 Entry point: register(subparsers).
 """
@@ -7,11 +8,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from itertools import islice
+from pathlib import Path
 
-from tetra.commands.common import print_json
+from tetra.commands.common import add_model_arguments, load_model_and_tokenizer, print_json
 from tetra.errors import ConfigError
 
 EXAMPLES = """examples:
+  tetra eval perplexity demo/run/checkpoints/step-0000400 --data demo/data --split val
+  tetra eval perplexity models/smollm2 --data notes.txt --context 1024 --stride 512 --json
   tetra eval harness models/smollm2 --tasks hellaswag,arc_easy --limit 100
   tetra eval harness runs/demo/checkpoints/final --tasks my_task --include-path my_tasks/ --json
   python -m tetra.eval.lm_eval_main --model tetra --model_args path=models/smollm2 --tasks arc_easy
@@ -36,6 +41,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     harness.add_argument("--dtype", default="auto", choices=["auto", "keep", "float32", "bfloat16", "float16"])
     harness.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     harness.set_defaults(handler=run_harness)
+    perplexity = verbs.add_parser("perplexity", help="perplexity on prepared data or text (sliding window)",
+                                  epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(perplexity)
+    perplexity.add_argument("--data", required=True,
+                            help="a prepared data folder (tetra data prepare) or text: a .txt/.jsonl file or folder")
+    perplexity.add_argument("--split", default="val", help="split of prepared data: val or train")
+    perplexity.add_argument("--context", type=int, default=None, help="window length (default: the model's)")
+    perplexity.add_argument("--stride", type=int, default=None,
+                            help="tokens a window advances (default: half the context; = context: disjoint)")
+    perplexity.add_argument("--max-documents", type=int, default=None, help="score only the first N documents")
+    perplexity.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    perplexity.set_defaults(handler=run_perplexity)
 
 
 def _metric_table(results: dict) -> dict[str, dict[str, float]]:
@@ -66,4 +83,42 @@ def run_harness(args: argparse.Namespace) -> int:
     for task, metrics in table.items():
         shown = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items() if "stderr" not in name)
         sys.stdout.write(f"{task}: {shown}\n")
+    return 0
+
+
+def _prepared_documents(folder: Path, split: str, model_vocab: int):
+    from tetra.data.shards import PreparedData
+
+    data = PreparedData.open(folder)
+    if data.vocab_size > model_vocab:
+        raise ConfigError(f"{folder} was tokenized with a vocabulary of {data.vocab_size}, larger than the model's "
+                          f"{model_vocab}: it belongs to another tokenizer. Prepare it with the model's tokenizer.")
+    tokens = data.split(split)
+    start = 0
+    for length in tokens.document_lengths().tolist():
+        yield tokens.read(start, length).astype("int64").tolist()
+        start += length
+
+
+def run_perplexity(args: argparse.Namespace) -> int:
+    from tetra.data.sources import iter_documents
+    from tetra.eval.perplexity import perplexity_of
+
+    model, tokenizer = load_model_and_tokenizer(args)
+    folder = Path(args.data)
+    total_bytes = None
+    if (folder / "meta.json").is_file():
+        documents = islice(_prepared_documents(folder, args.split, model.config.vocab_size), args.max_documents)
+    else:
+        texts = list(islice(iter_documents(args.data), args.max_documents))
+        total_bytes = sum(len(text.encode("utf-8")) for text in texts)
+        documents = (tokenizer.encode(text) for text in texts)
+    result = perplexity_of(model, documents, args.context, args.stride, total_bytes)
+    if args.json:
+        print_json(result.as_dict())
+        return 0
+    bits = f", {result.bits_per_byte:.4f} bits/byte" if result.bits_per_byte is not None else ""
+    sys.stdout.write(f"perplexity {result.perplexity:.4f} (loss {result.nll:.4f} nats/token{bits}) over "
+                     f"{result.tokens} tokens of {result.documents} documents; context {result.context}, "
+                     f"stride {result.stride}\n")
     return 0

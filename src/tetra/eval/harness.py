@@ -6,6 +6,7 @@ Entry points: TetraLM (lm-eval's LM interface over a tetra model), evaluate(mode
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,11 @@ class TetraLM(TemplateLM):
                  max_gen_toks: int = DEFAULT_MAX_GEN_TOKENS, add_bos_token: bool | str | None = None,
                  **_: Any) -> None:
         super().__init__()
-        target = resolve_device(device)
+        try:
+            target = resolve_device(device)
+        except ConfigError:  # lm-eval's CLI asks for cuda:0 by default; its hf backend falls back the same way
+            warnings.warn(f"device {device!r} is not available here; using what is", stacklevel=2)
+            target = resolve_device("auto")
         self.model = load_model_with_adapter(path, adapter, dtype=resolve_dtype(dtype, target), device=target).eval()
         self.tokenizer = load_tokenizer(Path(tokenizer or path))
         self._device = target
