@@ -1,5 +1,6 @@
 """`tetra eval`: measure a model. `harness` runs EleutherAI lm-eval tasks through tetra's backend; `perplexity`
-scores prepared data or text with a sliding window.
+scores prepared data or text with a sliding window; `winrate` has a judge compare two models' answers and fits
+the length-controlled win rate.
 
 Entry point: register(subparsers).
 """
@@ -17,6 +18,8 @@ from tetra.errors import ConfigError
 EXAMPLES = """examples:
   tetra eval perplexity demo/run/checkpoints/step-0000400 --data demo/data --split val
   tetra eval perplexity models/smollm2 --data notes.txt --context 1024 --stride 512 --json
+  tetra eval winrate --model-outputs mine.jsonl --baseline-outputs base.jsonl --judge http://127.0.0.1:8000/v1
+  tetra eval winrate --model-outputs mine.jsonl --baseline-outputs base.jsonl --judge models/smollm2
   tetra eval harness models/smollm2 --tasks hellaswag,arc_easy --limit 100
   tetra eval harness runs/demo/checkpoints/final --tasks my_task --include-path my_tasks/ --json
   python -m tetra.eval.lm_eval_main --model tetra --model_args path=models/smollm2 --tasks arc_easy
@@ -53,6 +56,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     perplexity.add_argument("--max-documents", type=int, default=None, help="score only the first N documents")
     perplexity.add_argument("--json", action="store_true", help="print the result as one JSON object")
     perplexity.set_defaults(handler=run_perplexity)
+    winrate = verbs.add_parser("winrate", help="length-controlled win rate of one model's answers over another's",
+                               epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    winrate.add_argument("--model-outputs", required=True, help='JSON lines of {"instruction", "output"}')
+    winrate.add_argument("--baseline-outputs", required=True, help="the same instructions answered by the baseline")
+    winrate.add_argument("--judge", required=True,
+                         help="an OpenAI-compatible base URL (…/v1), or a model folder/.gguf served here for it")
+    winrate.add_argument("--judge-model", help="model id at the judge URL (default: the first it lists)")
+    winrate.add_argument("--concurrency", type=int, default=8, help="judgements in flight at once")
+    winrate.add_argument("--annotations", help="write each pair's preference and position bias here (JSON lines)")
+    winrate.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    winrate.set_defaults(handler=run_winrate)
 
 
 def _metric_table(results: dict) -> dict[str, dict[str, float]]:
@@ -121,4 +135,50 @@ def run_perplexity(args: argparse.Namespace) -> int:
     sys.stdout.write(f"perplexity {result.perplexity:.4f} (loss {result.nll:.4f} nats/token{bits}) over "
                      f"{result.tokens} tokens of {result.documents} documents; context {result.context}, "
                      f"stride {result.stride}\n")
+    return 0
+
+
+def _judge_and_fit(args: argparse.Namespace, url: str, pairs: list) -> dict:
+    from tetra.eval.judge import EndpointJudge
+    from tetra.eval.winrate import judge_pairs, save_annotations, win_rates
+
+    judge = EndpointJudge(url, args.judge_model)
+    annotations = judge_pairs(judge.first_is_better, pairs, args.concurrency)
+    if args.annotations:
+        save_annotations(annotations, args.annotations)
+    result = win_rates(annotations).as_dict()
+    result["mean_position_bias"] = sum(a.position_bias for a in annotations) / len(annotations)
+    return result
+
+
+def run_winrate(args: argparse.Namespace) -> int:
+    from tetra.eval.winrate import pair_outputs, read_outputs
+
+    pairs = pair_outputs(read_outputs(args.model_outputs), read_outputs(args.baseline_outputs))
+    if len(pairs) < 2:
+        raise ConfigError("A win rate needs at least two instructions answered by both models.")
+    if args.judge.startswith(("http://", "https://")):
+        result = _judge_and_fit(args, args.judge, pairs)
+    else:
+        from tetra.data.gguf_tokenizer import load_tokenizer
+        from tetra.devices import resolve_device
+        from tetra.model.io import load_model
+        from tetra.serve.listen import BackgroundServer
+        from tetra.serve.server import Server
+
+        judge_path = Path(args.judge)
+        if not judge_path.exists():
+            raise ConfigError(f"--judge {args.judge} is neither an http(s) URL nor an existing model folder or file.")
+        model = load_model(judge_path, device=resolve_device("auto"))
+        server = Server(model, load_tokenizer(judge_path), "judge", max_batch_size=max(1, args.concurrency))
+        with BackgroundServer(server) as url:
+            args.judge_model = "judge"
+            result = _judge_and_fit(args, url + "/v1", pairs)
+    if args.json:
+        print_json(result)
+        return 0
+    sys.stdout.write(f"length-controlled win rate {result['lc_win_rate']:.2f} ± {result['lc_standard_error']:.2f}, "
+                     f"raw win rate {result['raw_win_rate']:.2f} ± {result['raw_standard_error']:.2f} over "
+                     f"{result['instructions']} instructions (length coefficient {result['length_coefficient']:.3f},"
+                     f" judge position bias {result['mean_position_bias']:+.3f})\n")
     return 0
