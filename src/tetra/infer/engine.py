@@ -151,37 +151,49 @@ class Engine:
         return True
 
     def _admit(self) -> None:
+        """Give waiting requests the free slots and prefill them: those scoring their prompt one by one, the
+        others in one right-padded forward pass (a burst of arrivals costs one prefill, not one each)."""
         free = [slot for slot in range(self.cache.slots) if slot not in self.active]
+        joining = []
         while free and self.waiting:
             job = self.waiting.popleft()
             if job.cancelled:
                 job.sink.finished("cancelled", None)
                 continue
             job.slot = free.pop(0)
+            joining.append(job)
+        scoring = [job for job in joining if job.request.score_prompt]
+        plain = [job for job in joining if not job.request.score_prompt]
+        for group in [[job] for job in scoring] + ([plain] if plain else []):
             try:
-                self._prefill(job)
+                self._prefill(group)
             except Exception as error:  # one bad request must not take the engine down
                 traceback.print_exc(file=sys.stderr)
-                job.sink.finished("error", error)
-                free.insert(0, job.slot)
+                for job in group:
+                    job.sink.finished("error", error)
                 continue
-            if job.request.max_new_tokens == 0:
-                job.sink.finished("length", None)
-                free.insert(0, job.slot)
-                continue
-            self.active[job.slot] = job
+            for job in group:
+                if job.request.max_new_tokens == 0:
+                    job.sink.finished("length", None)
+                else:
+                    self.active[job.slot] = job
 
-    def _prefill(self, job: _Job) -> None:
-        ids = job.request.prompt_ids
-        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
-        view = self.cache.prefill_view(job.slot)
-        if job.request.score_prompt:
-            hidden = self.model(tokens, kv_cache=view, hidden_only=True)[0]
-            job.sink.prompt_scored(prompt_logprobs(self.model, hidden, ids, job.request.logprobs or 0))
-            job.pending = self.model.head(hidden[-1:])[0].float()
-        else:
-            job.pending = self.model(tokens, kv_cache=view, last_only=True)[0, -1].float()
-        job.position = len(ids)
+    def _prefill(self, jobs: list[_Job]) -> None:
+        prompts = [job.request.prompt_ids for job in jobs]
+        longest = max(len(ids) for ids in prompts)
+        tokens = torch.zeros((len(jobs), longest), dtype=torch.long, device=self.device)
+        for row, ids in enumerate(prompts):
+            tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        view = self.cache.prefill_view([job.slot for job in jobs])
+        hidden = self.model(tokens, kv_cache=view, hidden_only=True)
+        last = torch.tensor([len(ids) - 1 for ids in prompts], device=self.device)
+        logits = self.model.head(hidden[torch.arange(len(jobs), device=self.device), last]).float()
+        for row, job in enumerate(jobs):
+            if job.request.score_prompt:
+                job.sink.prompt_scored(prompt_logprobs(self.model, hidden[row], prompts[row],
+                                                       job.request.logprobs or 0))
+            job.pending = logits[row]
+            job.position = len(prompts[row])
 
     def _decode(self) -> None:
         jobs = sorted(self.active.values(), key=lambda job: job.slot)

@@ -43,30 +43,38 @@ class SlotCache:
             grown.append(new)
         self.keys, self.values = grown
 
-    def prefill_view(self, slot: int) -> KVCache:
-        """A one-row cache that writes straight into `slot` (positions from 0)."""
-        return _SlotView(self, slot)
+    def prefill_view(self, slots: list[int]) -> KVCache:
+        """A cache for prompts starting at position 0, row i writing straight into slots[i]. Right-padded rows
+        leave junk past their prompt; decode_mask never shows it and the next token overwrites it."""
+        return _SlotView(self, slots)
 
     def decode_view(self, slots: list[int], positions: list[int]) -> KVCache:
         """A cache for one new token per row: row i writes at positions[i] of slots[i] and reads up to the longest."""
         return _DecodeView(self, slots, positions)
 
 
-class _SlotView(KVCache):
-    """Writes of a batch-1 forward pass land in one slot of the shared tensors."""
+def _rows(slots: list[int], device: torch.device) -> slice | torch.Tensor:
+    """Index of the slots: a slice (a view, no copy) when they are consecutive."""
+    if slots == list(range(slots[0], slots[0] + len(slots))):
+        return slice(slots[0], slots[0] + len(slots))
+    return torch.tensor(slots, device=device)
 
-    def __init__(self, owner: SlotCache, slot: int) -> None:  # noqa: D107 - no allocation, unlike KVCache
-        self.owner, self.slot = owner, slot
+
+class _SlotView(KVCache):
+    """Writes of a prefill forward pass land in the given slots of the shared tensors."""
+
+    def __init__(self, owner: SlotCache, slots: list[int]) -> None:  # noqa: D107 - no allocation, unlike KVCache
+        self.owner, self.slots = owner, slots
         self.max_length = owner.max_length
 
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor,
                start: int) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + keys.shape[2]
         self.owner.reserve(end)
-        row = slice(self.slot, self.slot + 1)
-        self.owner.keys[layer, row, :, start:end] = keys
-        self.owner.values[layer, row, :, start:end] = values
-        return self.owner.keys[layer, row, :, :end], self.owner.values[layer, row, :, :end]
+        rows = _rows(self.slots, self.owner.keys.device)
+        self.owner.keys[layer][rows, :, start:end] = keys
+        self.owner.values[layer][rows, :, start:end] = values
+        return self.owner.keys[layer][rows, :, :end], self.owner.values[layer][rows, :, :end]
 
 
 class _DecodeView(KVCache):
@@ -78,8 +86,7 @@ class _DecodeView(KVCache):
         self.length = max(positions) + 1
         owner.reserve(self.length)
         device = owner.keys.device
-        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
-        self.rows = slice(slots[0], slots[0] + len(slots)) if contiguous else torch.tensor(slots, device=device)
+        self.rows = _rows(slots, device)
         self.slot_index = torch.tensor(slots, device=device)
         self.position_index = torch.tensor(positions, device=device)
 
@@ -88,8 +95,8 @@ class _DecodeView(KVCache):
         # keys [B, H, 1, D] go to (slot_index[b], position_index[b]); advanced indices around a slice put B first.
         self.owner.keys[layer][self.slot_index, :, self.position_index] = keys[:, :, 0]
         self.owner.values[layer][self.slot_index, :, self.position_index] = values[:, :, 0]
-        return (self.owner.keys[layer, self.rows, :, : self.length],
-                self.owner.values[layer, self.rows, :, : self.length])
+        keys_so_far = self.owner.keys[layer][self.rows, :, : self.length]
+        return keys_so_far, self.owner.values[layer][self.rows, :, : self.length]
 
 
 def decode_mask(positions: list[int], sliding_window: int, device: torch.device | str) -> torch.Tensor:
