@@ -138,11 +138,11 @@ def run_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
-def _judge_and_fit(args: argparse.Namespace, url: str, pairs: list) -> dict:
+def _judge_and_fit(args: argparse.Namespace, url: str, judge_model: str | None, pairs: list) -> dict:
     from tetra.eval.judge import EndpointJudge
     from tetra.eval.winrate import judge_pairs, save_annotations, win_rates
 
-    judge = EndpointJudge(url, args.judge_model)
+    judge = EndpointJudge(url, judge_model)
     annotations = judge_pairs(judge.first_is_better, pairs, args.concurrency)
     if args.annotations:
         save_annotations(annotations, args.annotations)
@@ -158,7 +158,7 @@ def run_winrate(args: argparse.Namespace) -> int:
     if len(pairs) < 2:
         raise ConfigError("A win rate needs at least two instructions answered by both models.")
     if args.judge.startswith(("http://", "https://")):
-        result = _judge_and_fit(args, args.judge, pairs)
+        result = _judge_and_fit(args, args.judge, args.judge_model, pairs)
     else:
         from tetra.data.gguf_tokenizer import load_tokenizer
         from tetra.devices import resolve_device
@@ -172,8 +172,7 @@ def run_winrate(args: argparse.Namespace) -> int:
         model = load_model(judge_path, device=resolve_device("auto"))
         server = Server(model, load_tokenizer(judge_path), "judge", max_batch_size=max(1, args.concurrency))
         with BackgroundServer(server) as url:
-            args.judge_model = "judge"
-            result = _judge_and_fit(args, url + "/v1", pairs)
+            result = _judge_and_fit(args, url + "/v1", "judge", pairs)
     if args.json:
         print_json(result)
         return 0

@@ -19,6 +19,7 @@ from tetra.adapters.peft_io import load_model_with_adapter
 from tetra.data.gguf_tokenizer import load_tokenizer
 from tetra.devices import resolve_device, resolve_dtype
 from tetra.errors import ConfigError
+from tetra.infer.logprobs import right_pad, target_logprobs
 from tetra.infer.sampling import SamplingConfig
 from tetra.infer.text import generate_text
 
@@ -88,21 +89,15 @@ class TetraLM(TemplateLM):
     @torch.inference_mode()
     def _score(self, batch: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
         """For (input tokens, number of continuation tokens at their end): the continuation's log-likelihood given
-        what precedes it, and whether greedy decoding would have produced it. Rows are right-padded: causal
-        attention keeps the padding out of every real position."""
-        longest = max(len(tokens) for tokens, _ in batch)
-        ids = torch.zeros((len(batch), longest), dtype=torch.long, device=self._device)
-        for row, (tokens, _) in enumerate(batch):
-            ids[row, : len(tokens)] = torch.tensor(tokens)
-        hidden = self.model(ids[:, :-1] if longest > 1 else ids, hidden_only=True)
+        what precedes it, and whether greedy decoding would have produced it."""
+        ids = right_pad([tokens for tokens, _ in batch], self._device)
+        hidden = self.model(ids[:, :-1], hidden_only=True)
         results = []
         for row, (tokens, count) in enumerate(batch):
             end = len(tokens) - 1
-            logits = self.model.head(hidden[row, end - count : end]).float()
-            logp = torch.log_softmax(logits, dim=-1)
-            target = ids[row, end - count + 1 : end + 1]
-            total = logp.gather(-1, target[:, None]).sum().item()
-            results.append((total, bool((logits.argmax(-1) == target).all())))
+            scores, greedy = target_logprobs(self.model, hidden[row, end - count : end],
+                                             ids[row, end - count + 1 : end + 1])
+            results.append((scores.sum().item(), greedy))
         return results
 
     def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **_: Any) -> list[tuple[float, bool]]:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from tetra.errors import ConfigError
+from tetra.infer.logprobs import right_pad, target_logprobs
 from tetra.model import Transformer
 
 # Windows scored in one forward pass (they have equal length except a document's last).
@@ -57,17 +58,13 @@ def document_nll(model: Transformer, ids: list[int], context: int, stride: int) 
     total, count = 0.0, 0
     for start in range(0, len(spans), WINDOW_BATCH):
         group = spans[start : start + WINDOW_BATCH]
-        longest = max(end - begin for begin, end, _ in group)
-        batch = torch.zeros((len(group), longest), dtype=torch.long, device=device)
-        for row, (begin, end, _) in enumerate(group):
-            batch[row, : end - begin] = torch.tensor(ids[begin:end], device=device)
-        hidden = model(batch, hidden_only=True)  # right padding stays out of real positions (causal attention)
+        batch = right_pad([ids[begin:end] for begin, end, _ in group], device)
+        hidden = model(batch, hidden_only=True)
         for row, (begin, end, first) in enumerate(group):
-            predicting = hidden[row, first - 1 - begin : end - 1 - begin]
-            targets = batch[row, first - begin : end - begin]
-            logp = torch.log_softmax(model.head(predicting).float(), dim=-1)
-            total -= logp.gather(-1, targets[:, None]).sum().item()
-            count += len(targets)
+            scores, _ = target_logprobs(model, hidden[row, first - 1 - begin : end - 1 - begin],
+                                        batch[row, first - begin : end - begin])
+            total -= scores.sum().item()
+            count += len(scores)
     return total, count
 
 

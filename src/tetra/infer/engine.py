@@ -17,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-from tetra.infer.logprobs import TokenLogprob, logprobs_of, prompt_logprobs
+from tetra.infer.logprobs import TokenLogprob, logprobs_of, prompt_logprobs, right_pad
 from tetra.infer.sampling import SamplingConfig, sample_next
 from tetra.infer.slot_cache import SlotCache, decode_mask
 from tetra.model import Transformer
@@ -180,10 +180,7 @@ class Engine:
 
     def _prefill(self, jobs: list[_Job]) -> None:
         prompts = [job.request.prompt_ids for job in jobs]
-        longest = max(len(ids) for ids in prompts)
-        tokens = torch.zeros((len(jobs), longest), dtype=torch.long, device=self.device)
-        for row, ids in enumerate(prompts):
-            tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        tokens = right_pad(prompts, self.device)
         view = self.cache.prefill_view([job.slot for job in jobs])
         hidden = self.model(tokens, kv_cache=view, hidden_only=True)
         last = torch.tensor([len(ids) - 1 for ids in prompts], device=self.device)

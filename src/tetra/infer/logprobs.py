@@ -1,7 +1,8 @@
 """Log-probabilities of tokens under a model: each chosen token's and the k most likely alternatives, as the
 OpenAI `logprobs` field and lm-eval's scoring need them.
 
-Entry points: TokenLogprob, logprobs_of(logits, tokens, top), prompt_logprobs(model, hidden, ids, top).
+Entry points: TokenLogprob, logprobs_of(logits, tokens, top), prompt_logprobs(model, hidden, ids, top),
+target_logprobs(model, hidden, targets), right_pad(sequences, device).
 """
 
 from __future__ import annotations
@@ -45,3 +46,20 @@ def prompt_logprobs(model: Transformer, hidden: torch.Tensor, ids: list[int], to
         end = min(start + PROMPT_CHUNK, len(ids) - 1)
         scored += logprobs_of(model.head(hidden[start:end]), targets[start:end], top)
     return scored
+
+
+def target_logprobs(model: Transformer, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """log p(targets[i]) from hidden states [N, hidden] that predict them, and whether each is the argmax
+    (all of them: greedy decoding would have produced the targets)."""
+    logits = model.head(hidden).float()
+    chosen = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
+    return chosen, bool((logits.argmax(-1) == targets).all())
+
+
+def right_pad(sequences: list[list[int]], device: torch.device | str) -> torch.Tensor:
+    """Token lists left-aligned in one [B, longest] tensor, zero-padded on the right: under causal attention the
+    padding never reaches a real position, so no mask is needed."""
+    batch = torch.zeros((len(sequences), max(len(ids) for ids in sequences)), dtype=torch.long, device=device)
+    for row, ids in enumerate(sequences):
+        batch[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return batch

@@ -92,10 +92,6 @@ async def _stream(launched: Launched, count: int, chunk) -> AsyncIterator[str]:
         launched.cancel()
 
 
-def _sampling(temperature: float, top_p: float) -> SamplingConfig:
-    return SamplingConfig(temperature=temperature, top_p=top_p)
-
-
 def create_app(server: Server) -> FastAPI:
     """The application; starting it (uvicorn) starts the server's engine thread, stopping it stops the thread."""
 
@@ -126,7 +122,7 @@ def create_app(server: Server) -> FastAPI:
         budgets = [server.token_budget(ids, request.max_tokens) for ids in prompts]
         expanded = [ids for ids in prompts for _ in range(request.n)]
         launched = server.launch(expanded, [b for b in budgets for _ in range(request.n)],
-                                 _sampling(request.temperature, request.top_p), request.seed,
+                                 SamplingConfig(request.temperature, top_p=request.top_p), request.seed,
                                  request.stop_strings, request.logprobs, request.echo and request.logprobs is not None)
         launched.prompt_tokens = sum(len(ids) for ids in prompts)
         request_id = body.new_id("cmpl")
@@ -154,7 +150,7 @@ def create_app(server: Server) -> FastAPI:
         budget = server.token_budget(prompt, request.token_limit)
         top = (request.top_logprobs or 0) if request.logprobs else None
         launched = server.launch([prompt] * request.n, [budget] * request.n,
-                                 _sampling(request.temperature, request.top_p), request.seed,
+                                 SamplingConfig(request.temperature, top_p=request.top_p), request.seed,
                                  request.stop_strings, top, False)
         launched.prompt_tokens = len(prompt)
         request_id = body.new_id("chatcmpl")
