@@ -13,6 +13,7 @@ from tetra.commands import (
     calibrate,
     convert,
     data,
+    defense,
     evaluate,
     generate,
     init,
@@ -24,7 +25,8 @@ from tetra.commands import (
 )
 from tetra.errors import TetraError
 
-COMMAND_GROUPS = (train, generate, serve, evaluate, memorization, data, tokenizer, convert, plan, calibrate, init)
+COMMAND_GROUPS = (train, generate, serve, evaluate, defense, memorization, data, tokenizer, convert, plan, calibrate,
+                  init)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,8 +10,10 @@ import sys
 import time
 
 from tetra.commands.common import add_model_arguments, load_model_and_tokenizer, print_json
+from tetra.data.bpe_dropout import DropoutBPE
 from tetra.data.refusal import refusal_table
 from tetra.errors import ConfigError
+from tetra.infer.prompt_filter import PerplexityFilter
 from tetra.infer.refusal import decide_refusals
 from tetra.infer.sampling import SamplingConfig
 from tetra.infer.text import generate_text
@@ -39,6 +41,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="models trained with refusal tokens: refuse when p(refuse) >= TAU (every category)")
     parser.add_argument("--refusal", action="append", default=[], metavar="CATEGORY=TAU",
                         help="a threshold for one refusal category (repeatable; 0 enforces, 1 suppresses it)")
+    parser.add_argument("--perplexity-filter", metavar="FILE",
+                        help="refuse prompts this calibrated filter flags (tetra defense calibrate writes it)")
+    parser.add_argument("--retokenize", type=float, default=0.0, metavar="P",
+                        help="BPE-dropout: encode prompts skipping each merge with probability P (0.4 is the "
+                             "defense's usual value; seeded by --seed)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     parser.set_defaults(handler=run)
 
@@ -55,13 +62,39 @@ def _thresholds(args: argparse.Namespace, categories: list[str]) -> dict[str, fl
     return thresholds
 
 
+def _screen(model, tokenizer, args: argparse.Namespace) -> dict[int, dict[str, float]]:
+    """{prompt index: its scores} for the prompts --perplexity-filter flags (reported on stderr), else {}."""
+    if not args.perplexity_filter:
+        return {}
+    guard = PerplexityFilter.load(args.perplexity_filter)
+    flagged = {}
+    for index, prompt in enumerate(args.prompt):
+        scores = guard.check(model, tokenizer.encode(prompt))
+        if scores is not None:
+            flagged[index] = {"whole": scores.whole, "worst_window": scores.worst_window}
+            sys.stderr.write(f"prompt {index + 1} flagged by the perplexity filter (mean NLL {scores.whole:.2f} vs "
+                             f"{guard.whole_threshold:.2f}, worst {guard.window}-token window "
+                             f"{scores.worst_window:.2f} vs {guard.window_threshold:.2f}); not answered\n")
+    return flagged
+
+
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens}).")
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     if args.refusal_threshold is not None and not 0 <= args.refusal_threshold <= 1:
         raise ConfigError(f"--refusal-threshold must lie in [0, 1] (got {args.refusal_threshold}).")
+    if not 0 <= args.retokenize < 1:
+        raise ConfigError(f"--retokenize must lie in [0, 1) (got {args.retokenize}).")
     model, tokenizer = load_model_and_tokenizer(args)
+    flagged = _screen(model, tokenizer, args)
+    if len(flagged) == len(args.prompt):
+        if args.json:
+            print_json({"completions": [{"prompt": p, "text": "", "tokens": 0, "finish_reason": "flagged",
+                                         "flagged": flagged[i]} for i, p in enumerate(args.prompt)]})
+        return 0
+    original = list(args.prompt)
+    args.prompt = [p for i, p in enumerate(args.prompt) if i not in flagged]
     prompts = args.prompt
     if args.chat:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
@@ -80,8 +113,9 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(args.prompt[0])
         sys.stdout.flush()
     start = time.perf_counter()
+    encode = DropoutBPE(tokenizer, args.retokenize, args.seed or 0).encode if args.retokenize else None
     completions = generate_text(model, tokenizer, prompts, args.max_new_tokens, sampling, args.seed, args.stop,
-                                on_text=show if streaming else None, add_special_tokens=not args.chat)
+                                on_text=show if streaming else None, add_special_tokens=not args.chat, encode=encode)
     seconds = time.perf_counter() - start
     tokens = sum(len(c.token_ids) for c in completions)
     if args.json:
@@ -91,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
             row["refusal"] = {"token": decision.token, "category": decision.category,
                               "respond_probability": decision.respond_probability,
                               "refuse_probabilities": decision.refuse_probabilities}
+        rows += [{"prompt": prompt, "text": "", "tokens": 0, "finish_reason": "flagged", "flagged": flagged[i]}
+                 for i, prompt in enumerate(original) if i in flagged]
         print_json({"completions": rows,
                     "seconds": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 2)})
         return 0

@@ -34,11 +34,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="context per sequence (default: the model's, at most 4096)")
     parser.add_argument("--batching", choices=["continuous", "static"], default="continuous",
                         help="continuous: requests join between decode steps; static: a batch runs to its end")
+    parser.add_argument("--perplexity-filter", metavar="FILE",
+                        help="refuse prompts this calibrated filter flags (400, code prompt_flagged)")
+    parser.add_argument("--retokenize", type=float, default=0.0, metavar="P",
+                        help="encode text prompts with BPE-dropout, each merge skipped with probability P (0.4)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from tetra.infer.prompt_filter import PerplexityFilter
     from tetra.serve.listen import bind_socket, serve_forever
     from tetra.serve.server import Server
 
@@ -46,10 +51,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-batch-size must be at least 1 (got {args.max_batch_size}).")
     if args.max_model_len is not None and args.max_model_len < 2:
         raise ConfigError(f"--max-model-len must be at least 2 (got {args.max_model_len}).")
+    if not 0 <= args.retokenize < 1:
+        raise ConfigError(f"--retokenize must lie in [0, 1) (got {args.retokenize}).")
+    guard = PerplexityFilter.load(args.perplexity_filter) if args.perplexity_filter else None
     sock = bind_socket(args.host, args.port)  # before loading: a taken port fails in a second, not a minute
     model, tokenizer = load_model_and_tokenizer(args)
     name = args.name or Path(args.model).name.removesuffix(".gguf")
-    server = Server(model, tokenizer, name, args.max_batch_size, args.max_model_len, args.batching == "continuous")
+    server = Server(model, tokenizer, name, args.max_batch_size, args.max_model_len, args.batching == "continuous",
+                    guard, args.retokenize)
     host, port = sock.getsockname()[:2]
     sys.stderr.write(f"serving {name!r} on http://{host}:{port}/v1 (context {server.max_length}, "
                      f"{args.max_batch_size} slots, {args.batching} batching)\n")

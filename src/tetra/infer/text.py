@@ -74,9 +74,11 @@ def generate_text(
     stop_strings: list[str] | None = None,
     on_text: Callable[[int, str], None] | None = None,
     add_special_tokens: bool = True,
+    encode: Callable[..., list[int]] | None = None,
 ) -> list[Completion]:
     """A completion per prompt (batched, left-padded); on_text(row, piece) receives text as it becomes final.
-    add_special_tokens=False for prompts a chat template rendered: they already hold their BOS."""
+    add_special_tokens=False for prompts a chat template rendered: they already hold their BOS. encode replaces
+    tokenizer.encode (same signature), for a retokenizing defense."""
     stop_strings = [s for s in (stop_strings or []) if s]
     streams = [TextStream(tokenizer, stop_strings) for _ in prompts]
     eos_ids = sorted(set(model.config.eos_token_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set()))
@@ -93,7 +95,8 @@ def generate_text(
                 stopped.add(row)
         return stopped
 
-    encoded = [tokenizer.encode(prompt, add_special_tokens=add_special_tokens) for prompt in prompts]
+    encode = encode or tokenizer.encode
+    encoded = [encode(prompt, add_special_tokens=add_special_tokens) for prompt in prompts]
     outputs = generate_ids(model, encoded, max_new_tokens, sampling, eos_ids, seed, on_step)
     completions = []
     for row, (prompt, ids) in enumerate(zip(prompts, outputs, strict=True)):

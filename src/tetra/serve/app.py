@@ -6,6 +6,7 @@ Entry point: create_app(server) -> FastAPI application (the server's engine runs
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -118,7 +119,10 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest):
         server.check_model(request.model)
-        prompts = server.completion_prompts(request)
+        prompts = server.completion_prompts(request)  # validates token ids before anything runs them
+        prompt = request.prompt
+        texts = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else list(prompt)
+        await asyncio.to_thread(server.screen, texts, "prompt")
         budgets = [server.token_budget(ids, request.max_tokens) for ids in prompts]
         expanded = [ids for ids in prompts for _ in range(request.n)]
         launched = server.launch(expanded, [b for b in budgets for _ in range(request.n)],
@@ -146,6 +150,8 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest):
         server.check_model(request.model)
+        users = [message.text() for message in request.messages if message.role == "user"]
+        await asyncio.to_thread(server.screen, users[-1:], "messages")
         prompt = server.chat_prompt(request)
         budget = server.token_budget(prompt, request.token_limit)
         top = (request.top_logprobs or 0) if request.logprobs else None

@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from tetra.data.bpe_dropout import DropoutBPE
 from tetra.data.tokenizer import TextTokenizer
 from tetra.infer.engine import Engine, GenerationRequest, Ticket
+from tetra.infer.prompt_filter import PerplexityFilter
 from tetra.infer.sampling import SamplingConfig
 from tetra.model import Transformer
 from tetra.serve.choices import ChoiceEvent, ChoiceSink
@@ -37,8 +39,12 @@ class Server:
     """One served model. Thread-safe to call from the event loop: the engine runs on its own thread."""
 
     def __init__(self, model: Transformer, tokenizer: TextTokenizer, name: str, max_batch_size: int = 8,
-                 max_length: int | None = None, continuous: bool = True) -> None:
+                 max_length: int | None = None, continuous: bool = True,
+                 prompt_filter: PerplexityFilter | None = None, retokenize: float = 0.0, seed: int = 0) -> None:
+        """prompt_filter refuses flagged prompts; retokenize > 0 encodes text prompts with BPE-dropout."""
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.prompt_filter = prompt_filter
+        self.encode = DropoutBPE(tokenizer, retokenize, seed).encode if retokenize else tokenizer.encode
         context = model.config.max_position_embeddings
         self.max_length = min(max_length or min(context, DEFAULT_MAX_LENGTH), context)
         self.engine = Engine(model, max_batch_size, self.max_length, continuous)
@@ -59,9 +65,9 @@ class Server:
         """The prompt field as token lists: a string, strings, a token list or token lists."""
         prompt = request.prompt
         if isinstance(prompt, str):
-            prompts = [self.tokenizer.encode(prompt)]
+            prompts = [self.encode(prompt, add_special_tokens=True)]
         elif all(isinstance(item, str) for item in prompt):
-            prompts = [self.tokenizer.encode(item) for item in prompt]
+            prompts = [self.encode(item, add_special_tokens=True) for item in prompt]
         elif all(isinstance(item, int) for item in prompt):
             prompts = [list(prompt)]
         else:
@@ -84,7 +90,22 @@ class Server:
         except Exception as error:
             raise ApiError(400, f"The messages do not fit this model's chat template: {error}",
                            param="messages") from None
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.encode(text, add_special_tokens=False)
+
+    def screen(self, prompts: list[str | list[int]], param: str) -> None:
+        """Refuse (400) when the perplexity filter flags a prompt: text is scored as the tokenizer encodes it (as
+        the filter was calibrated), token lists as sent. Slow (a forward pass): call it off the event loop."""
+        if self.prompt_filter is None:
+            return
+        for prompt in prompts:
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+            scores = self.prompt_filter.check(self.model, ids)
+            if scores is not None:
+                raise ApiError(400, f"The prompt was flagged by the perplexity filter (mean NLL {scores.whole:.2f}, "
+                                    f"worst {self.prompt_filter.window}-token window {scores.worst_window:.2f}; "
+                                    f"thresholds {self.prompt_filter.whole_threshold:.2f} and "
+                                    f"{self.prompt_filter.window_threshold:.2f}).", param=param,
+                               code="prompt_flagged")
 
     def token_budget(self, prompt_ids: list[int], max_tokens: int | None) -> int:
         """max_tokens as asked (checked against the context), or all the context left when it was not given."""
