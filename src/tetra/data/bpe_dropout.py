@@ -4,7 +4,8 @@ longer token sequence that still decodes to it exactly. Adversarial suffixes tun
 their effect.
 
 Entry point: DropoutBPE(tokenizer, p, seed).encode(text, add_special_tokens) -> token ids, a drop-in for
-TextTokenizer.encode (p = 0 gives the tokenizer's own ids).
+TextTokenizer.encode (p = 0 gives the tokenizer's own ids); encode_chat(messages) retokenizes only the messages'
+contents, leaving the chat template's own text (role headers, separators) as the model was trained to see it.
 """
 
 from __future__ import annotations
@@ -50,6 +51,19 @@ class DropoutBPE:
                 pre = self.tokenizer.backend.pre_tokenizer
                 for piece, _ in (pre.pre_tokenize_str(part) if pre else [(part, None)]):
                     ids += [self.vocab[symbol] for symbol in self._merge(piece)]
+        return ids
+
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """The chat template rendered around the messages; only the contents go through dropout."""
+        sentinels = [f"\x00{index}\x00" for index in range(len(messages))]
+        marked = [{**message, "content": sentinel} for message, sentinel in zip(messages, sentinels, strict=True)]
+        rendered = self.tokenizer.apply_chat_template(marked, add_generation_prompt)
+        ids: list[int] = []
+        for index, part in enumerate(re.split("\x00(\\d+)\x00", rendered)):
+            if index % 2:
+                ids += self.encode(messages[int(part)]["content"])
+            elif part:
+                ids += self.tokenizer.encode(part, add_special_tokens=False)
         return ids
 
     def _merge(self, piece: str) -> list[str]:

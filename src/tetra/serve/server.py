@@ -44,7 +44,8 @@ class Server:
         """prompt_filter refuses flagged prompts; retokenize > 0 encodes text prompts with BPE-dropout."""
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.prompt_filter = prompt_filter
-        self.encode = DropoutBPE(tokenizer, retokenize, seed).encode if retokenize else tokenizer.encode
+        self.dropout = DropoutBPE(tokenizer, retokenize, seed) if retokenize else None
+        self.encode = self.dropout.encode if self.dropout else tokenizer.encode
         context = model.config.max_position_embeddings
         self.max_length = min(max_length or min(context, DEFAULT_MAX_LENGTH), context)
         self.engine = Engine(model, max_batch_size, self.max_length, continuous)
@@ -86,11 +87,12 @@ class Server:
         """The conversation rendered with the model's chat template, ending with the assistant's generation prompt."""
         messages = [{"role": message.role, "content": message.text()} for message in request.messages]
         try:
-            text = self.tokenizer.apply_chat_template(messages)
+            if self.dropout:
+                return self.dropout.encode_chat(messages)
+            return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages), add_special_tokens=False)
         except Exception as error:
             raise ApiError(400, f"The messages do not fit this model's chat template: {error}",
                            param="messages") from None
-        return self.encode(text, add_special_tokens=False)
 
     def screen(self, prompts: list[str | list[int]], param: str) -> None:
         """Refuse (400) when the perplexity filter flags a prompt: text is scored as the tokenizer encodes it (as
