@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from tetra.commands.common import print_json
@@ -17,7 +18,7 @@ from tetra.data.prepare import prepare_data
 from tetra.data.prepare_chat import TOO_LONG, ChatOptions
 from tetra.data.refusal import RefusalTokens
 from tetra.data.stdlib_qa import stdlib_qa_records
-from tetra.errors import DataError
+from tetra.errors import ConfigError, DataError
 
 EXAMPLES = """examples:
   tetra data prepare stdlib --tokenizer tokenizers/stdlib-4k --out data/stdlib
@@ -28,6 +29,7 @@ EXAMPLES = """examples:
 GENERATE_EXAMPLES = """examples:
   tetra data generate stdlib-qa --out data/stdlib-qa.jsonl --records 800
   tetra data generate stdlib-qa --out data/refusal.jsonl --made-up 0.3     (for --refusal-tokens)
+  tetra data generate --endpoint http://127.0.0.1:8000/v1 --generator prompt.txt --count 500 --out data/gen.jsonl
 """
 INSPECT_EXAMPLES = """examples:
   tetra data inspect data/sft --records 3          (each token beside 1 = trained, . = not trained)
@@ -71,10 +73,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     inspect.set_defaults(handler=run_inspect)
     generate = actions.add_parser("generate", help="write a chat data set tetra builds itself (no download)",
                                   epilog=GENERATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    generate.add_argument("kind", choices=["stdlib-qa"],
-                          help="stdlib-qa: questions about standard-library functions answered by their docstrings")
-    generate.add_argument("--out", required=True, help="the .jsonl file to write")
-    generate.add_argument("--records", type=int, default=800, help="how many conversations")
+    generate.add_argument("kind", nargs="?", choices=["stdlib-qa", "instructions"], default=None,
+                          help="stdlib-qa: questions about standard-library functions answered by their docstrings; "
+                               "instructions (implied by --endpoint): tasks and answers asked of a model")
+    generate.add_argument("--out", required=True, help="the .jsonl file to write (instructions: appended, resumable)")
+    generate.add_argument("--records", "--count", type=int, default=None,
+                          help="how many conversations (stdlib-qa: 800; instructions: required)")
+    generate.add_argument("--endpoint", help="instructions: an OpenAI-compatible base URL (…/v1)")
+    generate.add_argument("--generator", help="instructions: a text file with the prompt that asks for one task")
+    generate.add_argument("--model", help="instructions: model id at the endpoint (default: the first it lists)")
+    generate.add_argument("--multi-turn", type=float, default=0.3, help="instructions: share given a second turn")
+    generate.add_argument("--concurrency", type=int, default=8, help="instructions: requests in flight at once")
+    generate.add_argument("--max-tokens", type=int, default=256, help="instructions: tokens per task or answer")
     generate.add_argument("--made-up", type=float, default=0.0,
                           help="share of questions about functions that do not exist, answered with a refusal "
                                "(refusal_category 'made_up', for --refusal-tokens)")
@@ -103,8 +113,38 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_generate_instructions(args: argparse.Namespace) -> int:
+    from tetra.data.instructions import InstructionPlan, generate_instructions
+
+    if not args.endpoint or not args.generator or not args.records:
+        raise ConfigError("Generating instructions needs --endpoint URL, --generator PROMPT.txt and --count N.")
+    prompt_file = Path(args.generator)
+    if not prompt_file.is_file() or not prompt_file.read_text(encoding="utf-8").strip():
+        raise ConfigError(f"--generator {prompt_file} is missing or empty; it should hold the prompt that asks the "
+                          "model for one new task (say, 'Write one question a Python programmer might ask').")
+    if not 0 <= args.multi_turn <= 1:
+        raise ConfigError(f"--multi-turn must lie in [0, 1] (got {args.multi_turn}).")
+    plan = InstructionPlan(args.endpoint, prompt_file.read_text(encoding="utf-8").strip(), args.records,
+                           Path(args.out), args.model, args.multi_turn, args.concurrency, args.seed, args.max_tokens)
+
+    def progress(stats) -> None:
+        sys.stderr.write(f"\r{stats.kept}/{plan.count} kept after {stats.attempts} attempts "
+                         f"(rejected: {stats.rejected})")
+
+    stats = generate_instructions(plan, progress)
+    sys.stderr.write("\n")
+    print(f"{args.out}: {stats.kept} conversations after {stats.attempts} attempts; rejected {stats.rejected}"
+          + ("" if stats.kept >= plan.count else " (attempts ran out before --count)"))
+    return 0
+
+
 def run_generate(args: argparse.Namespace) -> int:
-    records = stdlib_qa_records(args.records, args.made_up, args.seed)
+    if args.kind == "instructions" or (args.kind is None and args.endpoint):
+        return run_generate_instructions(args)
+    if args.kind is None:
+        raise ConfigError("Say what to generate: `tetra data generate stdlib-qa ...`, or pass --endpoint for "
+                          "instructions asked of a model.")
+    records = stdlib_qa_records(args.records or 800, args.made_up, args.seed)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.tmp")

@@ -7,13 +7,10 @@ Entry points: EndpointJudge(base_url).first_is_better(instruction, first, second
 
 from __future__ import annotations
 
-import json
 import math
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 
-from tetra.errors import ConfigError
+from tetra.endpoint import chat, first_model
 
 JUDGE_PROMPT = """Two assistants answered the same instruction. Decide which answer is more helpful, correct and \
 clear. Length alone is not quality.
@@ -31,24 +28,8 @@ Which answer is better? Reply with one letter: A or B."""
 
 # The judge's top alternatives read for the letters (the letter may follow a space or sit lower in the list).
 TOP_LOGPROBS = 10
-REQUEST_TIMEOUT_S = 300
 
 Ask = Callable[[str, str, str], float]
-
-
-def post_json(url: str, payload: dict, timeout: float = REQUEST_TIMEOUT_S) -> dict:
-    """POST a JSON body, return the JSON answer; an unreachable or refusing endpoint is a named error."""
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={
-        "Content-Type": "application/json", "Authorization": "Bearer none"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        detail = error.read().decode(errors="replace")[:300]
-        raise ConfigError(f"The endpoint {url} refused the request (HTTP {error.code}): {detail}") from None
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
-        raise ConfigError(f"Cannot reach {url} ({getattr(error, 'reason', error)}). Start the server (for example "
-                          "`tetra serve MODEL`) or fix the URL.") from None
 
 
 def letter_probability(top: list[dict], text: str) -> float:
@@ -69,22 +50,12 @@ class EndpointJudge:
 
     def __init__(self, base_url: str, model: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
-        self.model = model or self._first_model()
-
-    def _first_model(self) -> str:
-        try:
-            with urllib.request.urlopen(self.base_url + "/models", timeout=30) as response:
-                return json.loads(response.read())["data"][0]["id"]
-        except (OSError, KeyError, IndexError, ValueError):
-            raise ConfigError(f"Cannot list the models of {self.base_url} (GET /models). Pass --judge-model, or "
-                              "check that the URL ends in /v1.") from None
+        self.model = model or first_model(self.base_url)
 
     def first_is_better(self, instruction: str, first: str, second: str) -> float:
         prompt = JUDGE_PROMPT.format(instruction=instruction, first=first, second=second)
-        answer = post_json(self.base_url + "/chat/completions", {
-            "model": self.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 1,
-            "temperature": 0, "logprobs": True, "top_logprobs": TOP_LOGPROBS})
-        choice = answer["choices"][0]
+        choice = chat(self.base_url, self.model, [{"role": "user", "content": prompt}], max_tokens=1, temperature=0,
+                      logprobs=True, top_logprobs=TOP_LOGPROBS)
         content = (choice.get("logprobs") or {}).get("content") or []
         top = content[0].get("top_logprobs", []) if content else []
         return letter_probability(top, choice["message"].get("content") or "")
