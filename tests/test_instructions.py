@@ -18,6 +18,12 @@ from tetra.data.instructions import InstructionPlan, generate_instructions
 SENTENCE = "how do I read a large csv file in python without loading all of it into memory at once please"
 
 
+def test_task_cleaning():
+    assert instructions._clean_task("Here's a new question:\n\n\"How do I sort a list?\"") == "How do I sort a list?"
+    assert instructions._clean_task("Question: What is a set?\nExtra text") == "What is a set?"
+    assert instructions._clean_task("The answer might be something like:") == ""
+
+
 def test_near_duplicate_index():
     index = NearDuplicateIndex(threshold=0.7)
     assert index.add(SENTENCE)

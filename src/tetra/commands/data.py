@@ -128,11 +128,11 @@ def run_generate_instructions(args: argparse.Namespace) -> int:
                            Path(args.out), args.model, args.multi_turn, args.concurrency, args.seed, args.max_tokens)
 
     def progress(stats) -> None:
-        sys.stderr.write(f"\r{stats.kept}/{plan.count} kept after {stats.attempts} attempts "
-                         f"(rejected: {stats.rejected})")
+        end = "\r" if sys.stderr.isatty() else "\n"
+        sys.stderr.write(f"{stats.kept}/{plan.count} kept after {stats.attempts} attempts "
+                         f"(rejected: {stats.rejected}){end}")
 
     stats = generate_instructions(plan, progress)
-    sys.stderr.write("\n")
     print(f"{args.out}: {stats.kept} conversations after {stats.attempts} attempts; rejected {stats.rejected}"
           + ("" if stats.kept >= plan.count else " (attempts ran out before --count)"))
     return 0

@@ -55,11 +55,15 @@ class InstructionStats:
 
 
 def _clean_task(text: str) -> str:
-    """The first paragraph, without the quotes or a 'Question:' label models like to add."""
-    first = text.strip().split("\n\n")[0].strip().strip('"').strip()
+    """The task itself: lead-in lines ("Here's a new question:") skipped, the first remaining line kept, without
+    the quotes or a 'Question:' label models like to add. A lead-in with nothing after it leaves ''."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    while lines and lines[0].endswith(":"):
+        lines.pop(0)
+    first = lines[0].strip('"').strip() if lines else ""
     for label in ("Question:", "Task:", "Instruction:"):
         if first.lower().startswith(label.lower()):
-            first = first[len(label):].strip()
+            first = first[len(label):].strip().strip('"').strip()
     return first
 
 
@@ -124,7 +128,8 @@ def generate_instructions(plan: InstructionPlan,
     plan.out.parent.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max(1, plan.concurrency)) as pool, plan.out.open("a", encoding="utf-8") as out:
         while stats.kept < plan.count and stats.attempts < limit:
-            batch = list(range(stats.attempts, min(limit, stats.attempts + plan.concurrency)))
+            wanted = min(plan.concurrency, plan.count - stats.kept)  # no answers generated only to be dropped
+            batch = list(range(stats.attempts, min(limit, stats.attempts + max(1, wanted))))
             tasks = list(pool.map(generator.task, batch))
             accepted = []
             for attempt, task in zip(batch, tasks, strict=True):  # in attempt order: the same run keeps the same
