@@ -10,6 +10,7 @@ import sys
 
 from tetra import __version__
 from tetra.commands import (
+    bench,
     calibrate,
     convert,
     data,
@@ -25,8 +26,8 @@ from tetra.commands import (
 )
 from tetra.errors import TetraError
 
-COMMAND_GROUPS = (train, generate, serve, evaluate, defense, memorization, data, tokenizer, convert, plan, calibrate,
-                  init)
+COMMAND_GROUPS = (train, generate, serve, evaluate, bench, defense, memorization, data, tokenizer, convert, plan,
+                  calibrate, init)
 
 
 def build_parser() -> argparse.ArgumentParser:
