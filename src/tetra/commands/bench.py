@@ -35,8 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     score = verbs.add_parser("score", help="answer the questions and score them", epilog=EXAMPLES,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     score.add_argument("folder", help="a folder written by `tetra bench generate`")
-    add_model_arguments(score)
-    score.set_defaults(model=None)
+    add_model_arguments(score, optional=True)
     score.add_argument("--endpoint", help="an OpenAI-compatible base URL (…/v1) to answer instead of a local model")
     score.add_argument("--endpoint-model", help="model id at --endpoint (default: the first it lists)")
     score.add_argument("--answers", help="score these answers (JSON lines of {id, answer}) instead of generating")
@@ -45,7 +44,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     score.add_argument("--batch-size", type=int, default=8, help="local model: questions answered together")
     score.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     score.set_defaults(handler=run_score)
-    score._positionals._group_actions[-1].nargs = "?"  # the model is optional: --endpoint or --answers instead
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -23,9 +23,11 @@ def print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2) + "\n")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model folder and how to load it: tokenizer location, device, dtype."""
-    parser.add_argument("model", help="tetra checkpoint folder, Hugging Face model folder or .gguf file")
+def add_model_arguments(parser: argparse.ArgumentParser, optional: bool = False) -> None:
+    """The model folder and how to load it: tokenizer location, device, dtype. optional: a command that can also
+    take its answers elsewhere (an endpoint, a file) may be given no model."""
+    parser.add_argument("model", nargs="?" if optional else None,
+                        help="tetra checkpoint folder, Hugging Face model folder or .gguf file")
     parser.add_argument("--tokenizer", help="tokenizer folder, if not the model folder")
     parser.add_argument("--adapter", help="a LoRA adapter folder (tetra or PEFT format) to apply to the model")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

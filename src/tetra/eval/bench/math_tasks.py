@@ -28,7 +28,8 @@ READING = (*standard_transformations, implicit_multiplication_application, conve
 def _equivalent(answer: str, truth: str) -> float:
     """1 when the final answer equals the truth as a symbolic expression ('9x + 3', '(x+4)(x+5)', '18/7')."""
     text = final_answer(answer).strip().strip("$").rstrip(".")
-    text = text.split("=")[-1] if text.replace(" ", "").startswith(("x=", "f'(x)=", "dy/dx=")) else text
+    for separator in ("=", " is "):  # "x = 18/7", "The derivative of ... is 6*x + 3": the value after the last
+        text = text.rsplit(separator, 1)[-1].strip()
     if not SAFE_EXPRESSION.fullmatch(text):  # parse_expr evaluates Python: only arithmetic in x reaches it
         return 0.0
     try:
