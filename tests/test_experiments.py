@@ -56,6 +56,8 @@ def test_neftune_smoke(tmp_path):
     assert [row["alpha"] for row in results["rows"]] == [0.0, 5.0, 10.0]
     assert all(row["held_out_loss"] > 0 and row["mean_answer_tokens"] >= 1 for row in results["rows"])
     assert "| 5 |" in (tmp_path / "neftune_results.md").read_text()
+    judged = [row["win_rate_vs_alpha_0"] for row in results["rows"][1:]]
+    assert all(0 <= rate["lc_win_rate"] <= 100 and rate["instructions"] == 6 for rate in judged)
 
 
 def test_jailbreak_defenses_smoke(tmp_path):
