@@ -12,7 +12,7 @@ import json
 import random
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tetra.data.dedup import NearDuplicateIndex, normalize
@@ -153,6 +153,3 @@ def generate_instructions(plan: InstructionPlan,
                 on_progress(stats)
     return stats
 
-
-def stats_dict(stats: InstructionStats) -> dict:
-    return asdict(stats)
