@@ -1,4 +1,5 @@
-"""Token-level generation: one batched prefill into a preallocated KV cache, then one token per step.
+"""Token-level generation: one batched prefill (in chunks, if asked) into a preallocated KV cache, then one token
+per step, with the decoding attention policy the context options name.
 
 Entry point: generate_ids(model, prompts, max_new_tokens, ...) -> new token ids per prompt.
 """
@@ -10,8 +11,10 @@ from collections.abc import Callable
 import torch
 
 from tetra.errors import ConfigError
+from tetra.infer.attention.factory import make_cache
+from tetra.infer.context import ContextOptions, check_cache_fits, prefill
 from tetra.infer.sampling import SamplingConfig, sample_next
-from tetra.model import KVCache, Transformer
+from tetra.model import Transformer
 
 # Called after each step with {row: new token} for the rows still running; returns rows that should stop there
 # (a stop string, say).
@@ -48,16 +51,21 @@ def generate_ids(
     eos_ids: list[int] | None = None,
     seed: int | None = None,
     on_step: StepCallback | None = None,
+    context: ContextOptions | None = None,
 ) -> list[list[int]]:
     """Generate up to max_new_tokens per prompt; a row stops at an EOS id (kept in its output) or when on_step says."""
     sampling = sampling or SamplingConfig(temperature=0.0)
+    context = context or ContextOptions()
     _check_lengths(model, prompts, max_new_tokens)
     device = model.embed.weight.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     ids, prompt_mask = left_pad(prompts, pad_id, device)
     batch, prompt_length = ids.shape
-    cache = KVCache(model.config, batch, prompt_length + max_new_tokens, model.embed.weight.dtype, device)
+    kv_dtype = context.kv_dtype or model.embed.weight.dtype
+    kv_device = context.kv_device or device
+    check_cache_fits(model.config, batch, prompt_length + max_new_tokens, kv_dtype, kv_device, context.attention)
+    cache = make_cache(model, context.attention, batch, prompt_length + max_new_tokens, kv_dtype, kv_device)
     mask = None
     if prompt_mask is not None:
         mask = torch.ones((batch, prompt_length + max_new_tokens), dtype=torch.bool, device=device)
@@ -65,8 +73,7 @@ def generate_ids(
     eos = torch.tensor(eos_ids or [], dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     outputs: list[list[int]] = [[] for _ in range(batch)]
-    logits = model(ids, attention_mask=None if mask is None else mask[:, :prompt_length], kv_cache=cache,
-                   last_only=True)
+    logits = prefill(model, ids, None if mask is None else mask[:, :prompt_length], cache, context.prefill_chunk)
     for step in range(max_new_tokens):
         next_ids = sample_next(logits[:, -1], sampling, generator)
         next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)

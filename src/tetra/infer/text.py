@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tetra.data.tokenizer import TextTokenizer
+from tetra.infer.context import ContextOptions
 from tetra.infer.generate import generate_ids
 from tetra.infer.sampling import SamplingConfig
 from tetra.model import Transformer
@@ -75,10 +76,12 @@ def generate_text(
     on_text: Callable[[int, str], None] | None = None,
     add_special_tokens: bool = True,
     encode: Callable[..., list[int]] | None = None,
+    context: ContextOptions | None = None,
 ) -> list[Completion]:
     """A completion per prompt (batched, left-padded); on_text(row, piece) receives text as it becomes final.
     add_special_tokens=False for prompts a chat template rendered: they already hold their BOS. encode replaces
-    tokenizer.encode (same signature), for a retokenizing defense."""
+    tokenizer.encode (same signature), for a retokenizing defense; context: attention policy, chunked prefill and
+    where the KV cache lives."""
     stop_strings = [s for s in (stop_strings or []) if s]
     streams = [TextStream(tokenizer, stop_strings) for _ in prompts]
     eos_ids = sorted(set(model.config.eos_token_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set()))
@@ -97,7 +100,7 @@ def generate_text(
 
     encode = encode or tokenizer.encode
     encoded = [encode(prompt, add_special_tokens=add_special_tokens) for prompt in prompts]
-    outputs = generate_ids(model, encoded, max_new_tokens, sampling, eos_ids, seed, on_step)
+    outputs = generate_ids(model, encoded, max_new_tokens, sampling, eos_ids, seed, on_step, context)
     completions = []
     for row, (prompt, ids) in enumerate(zip(prompts, outputs, strict=True)):
         stream = streams[row]

@@ -1,17 +1,33 @@
-"""A preallocated key/value cache: one tensor per layer for keys and values, written in place.
+"""A preallocated key/value cache, and the attention over it.
 
-Entry point: KVCache (allocate once for prompt + new tokens; attention layers call update()).
+Entry points: KVCache (allocate once for prompt + new tokens; attention layers call attend()), dense_attention.
+Attention policies that pick which cached keys a query sees (tetra.infer.attention) subclass KVCache and override
+attend(), so the model itself never changes with the policy.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from tetra.model.config import ModelConfig
 
 
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                    dropout_p: float = 0.0) -> torch.Tensor:
+    """SDPA of q [B, H, T, D] over k, v [B, Hkv, S, D] (grouped heads); causal when queries and keys start together
+    and no explicit mask is given, otherwise the caller's boolean mask."""
+    causal = mask is None and q.shape[2] > 1 and k.shape[2] == q.shape[2]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
 class KVCache:
-    """Keys and values of every layer for up to max_length positions; no reallocation while decoding."""
+    """Keys and values of every layer for up to max_length positions; no reallocation while decoding.
+
+    The cache may live on another device or in another dtype than the model (a bf16 cache in CPU memory for a long
+    prompt): writes convert on the way in and attention reads convert on the way out.
+    """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_length: int, dtype: torch.dtype,
                  device: torch.device | str) -> None:
@@ -31,3 +47,15 @@ class KVCache:
         self.values[layer, :, :, start:end] = values
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
+    def end_prefill(self, key_padding: torch.Tensor | None) -> None:
+        """The prompt is in (key_padding [B, S]: its real tokens, None without padding); later calls decode.
+        A dense cache has nothing to do; a sparse policy fixes its prefix, builds its index or evicts here."""
+
+    def attend(self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               mask: torch.Tensor | None, start: int) -> torch.Tensor:
+        """Cache the new keys/values at `start`, then attend q [B, H, T, D] over everything cached -> [B, H, T, D]."""
+        cached_keys, cached_values = self.update(layer, keys, values, start)
+        if cached_keys.device != q.device or cached_keys.dtype != q.dtype:
+            cached_keys = cached_keys.to(q.device, q.dtype, non_blocking=True)
+            cached_values = cached_values.to(q.device, q.dtype, non_blocking=True)
+        return dense_attention(q, cached_keys, cached_values, mask)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tetra.model.config import ModelConfig, RopeScaling
-from tetra.model.kv_cache import KVCache
+from tetra.model.kv_cache import KVCache, dense_attention
 
 
 class RMSNorm(nn.Module):
@@ -120,14 +120,10 @@ class Attention(nn.Module):
         v = self.v(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_index, k, v, cache_start)
-        # is_causal only when queries and keys start together; otherwise the caller passes an explicit mask.
-        causal = mask is None and length > 1 and k.shape[2] == length
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
+        if kv_cache is not None:  # the cache decides which keys each query sees (an attention policy may)
+            out = kv_cache.attend(self.layer_index, q, k, v, mask, cache_start)
+        else:
+            out = dense_attention(q, k, v, mask, self.dropout if self.training else 0.0)
         return self.o(out.transpose(1, 2).reshape(batch, length, -1))
 
 
