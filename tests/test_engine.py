@@ -128,3 +128,19 @@ def test_requests_beyond_the_context_are_refused():
     engine = Engine(_model(), max_length=32)
     with pytest.raises(ValueError, match="over the context of 32"):
         engine.submit(GenerationRequest([1] * 30, 3), Collect())
+
+
+@pytest.mark.parametrize("kind", ["topk", "h2o"])
+def test_a_sparse_policy_engine_equals_generate_with_that_policy(kind):
+    from tetra.infer.attention.policy import AttentionPolicy
+    from tetra.infer.context import ContextOptions
+
+    model = _model()
+    context = ContextOptions(AttentionPolicy(kind, budget=0.05, recent=2), prefill_chunk=4)
+    prompts = [[(7 * i + j) % (VOCAB - 3) + 3 for j in range(30 + 9 * i)] for i in range(3)]
+    expected = [generate_ids(model, [prompt], 10, context=context) for prompt in prompts]
+    dense = [generate_ids(model, [prompt], 10) for prompt in prompts]
+    requests = [GenerationRequest(prompt, 10, logprobs=0) for prompt in prompts]
+    sinks = _run(Engine(model, max_batch_size=2, context=context), requests, stagger=1)
+    assert [[sink.tokens] for sink in sinks] == expected
+    assert expected != dense  # the policy changed something, so the equality above means something

@@ -18,6 +18,7 @@ from tetra.commands import (
     evaluate,
     generate,
     init,
+    loki,
     memorization,
     plan,
     serve,
@@ -27,7 +28,7 @@ from tetra.commands import (
 from tetra.errors import TetraError
 
 COMMAND_GROUPS = (train, generate, serve, evaluate, bench, defense, memorization, data, tokenizer, convert, plan,
-                  calibrate, init)
+                  calibrate, loki, init)
 
 
 def build_parser() -> argparse.ArgumentParser:

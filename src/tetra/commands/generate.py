@@ -10,6 +10,7 @@ import sys
 import time
 
 from tetra.commands.common import add_model_arguments, load_model_and_tokenizer, print_json
+from tetra.commands.context_args import add_context_arguments, context_options
 from tetra.data.bpe_dropout import DropoutBPE
 from tetra.data.refusal import refusal_table
 from tetra.errors import ConfigError
@@ -22,6 +23,7 @@ EXAMPLES = """examples:
   tetra generate runs/demo/checkpoints/final --prompt "def fibonacci(n):" --max-new-tokens 64
   tetra generate ./Llama-3.2-1B --prompt "The capital of France is" --temperature 0
   tetra generate ./model --prompt "a" --prompt "b" --json      (batched, machine-readable)
+  tetra generate ./model --prompt "$(cat long.txt) Summary:" --attention topk --budget 0.02 --prefill-chunk 2048
 """
 
 
@@ -47,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="BPE-dropout: encode prompts skipping each merge with probability P (0.4 is the "
                              "defense's usual value; seeded by --seed)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    add_context_arguments(parser)
     parser.set_defaults(handler=run)
 
 
@@ -94,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens}).")
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+    context = context_options(args)
     if args.refusal_threshold is not None and not 0 <= args.refusal_threshold <= 1:
         raise ConfigError(f"--refusal-threshold must lie in [0, 1] (got {args.refusal_threshold}).")
     if not 0 <= args.retokenize < 1:
@@ -130,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     encode = _retokenizer(tokenizer, args, dict(zip(prompts, args.prompt, strict=True)))
     completions = generate_text(model, tokenizer, prompts, args.max_new_tokens, sampling, args.seed, args.stop,
-                                on_text=show if streaming else None, add_special_tokens=not args.chat, encode=encode)
+                                on_text=show if streaming else None, add_special_tokens=not args.chat, encode=encode,
+                                context=context)
     seconds = time.perf_counter() - start
     tokens = sum(len(c.token_ids) for c in completions)
     if args.json:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from tetra.commands.common import add_model_arguments, load_model_and_tokenizer
+from tetra.commands.context_args import add_context_arguments, context_options
 from tetra.errors import ConfigError
 
 EXAMPLES = """examples:
@@ -38,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="refuse prompts this calibrated filter flags (400, code prompt_flagged)")
     parser.add_argument("--retokenize", type=float, default=0.0, metavar="P",
                         help="encode text prompts with BPE-dropout, each merge skipped with probability P (0.4)")
+    add_context_arguments(parser)
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.set_defaults(handler=run)
 
@@ -53,14 +55,16 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-model-len must be at least 2 (got {args.max_model_len}).")
     if not 0 <= args.retokenize < 1:
         raise ConfigError(f"--retokenize must lie in [0, 1) (got {args.retokenize}).")
+    context = context_options(args)
     guard = PerplexityFilter.load(args.perplexity_filter) if args.perplexity_filter else None
     sock = bind_socket(args.host, args.port)  # before loading: a taken port fails in a second, not a minute
     model, tokenizer = load_model_and_tokenizer(args)
     name = args.name or Path(args.model).name.removesuffix(".gguf")
     server = Server(model, tokenizer, name, args.max_batch_size, args.max_model_len, args.batching == "continuous",
-                    guard, args.retokenize)
+                    guard, args.retokenize, context=context)
     host, port = sock.getsockname()[:2]
     sys.stderr.write(f"serving {name!r} on http://{host}:{port}/v1 (context {server.max_length}, "
-                     f"{args.max_batch_size} slots, {args.batching} batching)\n")
+                     f"{args.max_batch_size} slots, {args.batching} batching, "
+                     f"{context.attention.describe()} attention)\n")
     serve_forever(server, sock, args.log_level)
     return 0

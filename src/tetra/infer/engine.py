@@ -17,10 +17,12 @@ from typing import Protocol
 
 import torch
 
+from tetra.infer.attention.factory import make_cache
+from tetra.infer.context import ContextOptions, check_cache_fits
 from tetra.infer.logprobs import TokenLogprob, logprobs_of, prompt_logprobs, right_pad
 from tetra.infer.sampling import SamplingConfig, sample_next
 from tetra.infer.slot_cache import SlotCache, decode_mask
-from tetra.model import Transformer
+from tetra.model import KVCache, Transformer
 
 # How long an idle engine thread waits for a request before checking whether it was asked to stop.
 IDLE_WAIT_S = 0.05
@@ -62,6 +64,7 @@ class _Job:
     generated: int = 0
     pending: torch.Tensor | None = None  # logits [vocab] for the next token
     cancelled: bool = False
+    cache: KVCache | None = None  # its own cache, when the engine decodes with a sparse attention policy
 
 
 class Ticket:
@@ -77,15 +80,22 @@ class Ticket:
 class Engine:
     """Batched KV-cache decoding over a fixed number of slots. continuous=False is static batching: a batch is
     formed only when the previous one has entirely finished (the baseline continuous batching is measured against).
+
+    context (a sparse attention policy, chunked prefill, a cache elsewhere): every sequence then gets its own cache
+    of that policy and is prefilled and decoded on its own (policies keep per-sequence state such as H2O's
+    evictions); requests still join and leave between steps.
     """
 
     def __init__(self, model: Transformer, max_batch_size: int = 8, max_length: int | None = None,
-                 continuous: bool = True) -> None:
+                 continuous: bool = True, context: ContextOptions | None = None) -> None:
         self.model = model.eval()
         self.device = model.embed.weight.device
         self.max_length = max_length or model.config.max_position_embeddings
         self.continuous = continuous
-        self.cache = SlotCache(model.config, max_batch_size, self.max_length, model.embed.weight.dtype, self.device)
+        self.context = context if context is not None and context != ContextOptions() else None
+        slots = 1 if self.context else max_batch_size
+        self.slots = max_batch_size
+        self.cache = SlotCache(model.config, slots, self.max_length, model.embed.weight.dtype, self.device)
         self.inbox: queue.Queue[_Job] = queue.Queue()
         self.waiting: deque[_Job] = deque()
         self.active: dict[int, _Job] = {}
@@ -153,7 +163,7 @@ class Engine:
     def _admit(self) -> None:
         """Give waiting requests the free slots and prefill them: those scoring their prompt one by one, the
         others in one right-padded forward pass (a burst of arrivals costs one prefill, not one each)."""
-        free = [slot for slot in range(self.cache.slots) if slot not in self.active]
+        free = [slot for slot in range(self.slots) if slot not in self.active]
         joining = []
         while free and self.waiting:
             job = self.waiting.popleft()
@@ -164,7 +174,9 @@ class Engine:
             joining.append(job)
         scoring = [job for job in joining if job.request.score_prompt]
         plain = [job for job in joining if not job.request.score_prompt]
-        for group in [[job] for job in scoring] + ([plain] if plain else []):
+        alone = scoring + plain if self.context else scoring
+        together = [] if self.context or not plain else [plain]
+        for group in [[job] for job in alone] + together:
             try:
                 self._prefill(group)
             except Exception as error:  # one bad request must not take the engine down
@@ -179,6 +191,8 @@ class Engine:
                     self.active[job.slot] = job
 
     def _prefill(self, jobs: list[_Job]) -> None:
+        if self.context:
+            return self._prefill_alone(jobs[0])
         prompts = [job.request.prompt_ids for job in jobs]
         tokens = right_pad(prompts, self.device)
         view = self.cache.prefill_view([job.slot for job in jobs])
@@ -191,6 +205,26 @@ class Engine:
                                                        job.request.logprobs or 0))
             job.pending = logits[row]
             job.position = len(prompts[row])
+
+    def _prefill_alone(self, job: _Job) -> None:
+        """One sequence into a cache of its own, chunk by chunk when the context options say so."""
+        request, context = job.request, self.context
+        prompt = request.prompt_ids
+        length = len(prompt) + request.max_new_tokens
+        dtype = context.kv_dtype or self.model.embed.weight.dtype
+        device = context.kv_device or self.device
+        check_cache_fits(self.model.config, 1, length, dtype, device, context.attention)
+        job.cache = make_cache(self.model, context.attention, 1, length, dtype, device)
+        ids = torch.tensor([prompt], device=self.device)
+        step = context.prefill_chunk or len(prompt)
+        pieces = [self.model(ids[:, start : start + step], kv_cache=job.cache, cache_start=start, hidden_only=True)
+                  for start in range(0, len(prompt), step)]
+        job.cache.end_prefill(None)
+        hidden = torch.cat(pieces, dim=1)[0] if request.score_prompt else pieces[-1][0]
+        if request.score_prompt:
+            job.sink.prompt_scored(prompt_logprobs(self.model, hidden, prompt, request.logprobs or 0))
+        job.pending = self.model.head(hidden[-1]).float()
+        job.position = len(prompt)
 
     def _decode(self) -> None:
         jobs = sorted(self.active.values(), key=lambda job: job.slot)
@@ -234,6 +268,13 @@ class Engine:
         return scores
 
     def _forward(self, running: list[tuple[_Job, int]]) -> None:
+        if self.context:
+            for job, token in running:
+                tokens = torch.tensor([[token]], device=self.device)
+                job.pending = self.model(tokens, kv_cache=job.cache, cache_start=job.position,
+                                         last_only=True)[0, -1].float()
+                job.position += 1
+            return
         slots = [job.slot for job, _ in running]
         positions = [job.position for job, _ in running]
         tokens = torch.tensor([[token] for _, token in running], dtype=torch.long, device=self.device)
@@ -248,5 +289,5 @@ class Engine:
 
     def _finish(self, slot: int, reason: str, error: BaseException | None = None) -> None:
         job = self.active.pop(slot)
-        job.pending = None
+        job.pending = job.cache = None
         job.sink.finished(reason, error)

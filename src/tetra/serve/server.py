@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from tetra.data.bpe_dropout import DropoutBPE
 from tetra.data.tokenizer import TextTokenizer
+from tetra.infer.context import ContextOptions
 from tetra.infer.engine import Engine, GenerationRequest, Ticket
 from tetra.infer.prompt_filter import PerplexityFilter
 from tetra.infer.sampling import SamplingConfig
@@ -40,15 +41,17 @@ class Server:
 
     def __init__(self, model: Transformer, tokenizer: TextTokenizer, name: str, max_batch_size: int = 8,
                  max_length: int | None = None, continuous: bool = True,
-                 prompt_filter: PerplexityFilter | None = None, retokenize: float = 0.0, seed: int = 0) -> None:
-        """prompt_filter refuses flagged prompts; retokenize > 0 encodes text prompts with BPE-dropout."""
+                 prompt_filter: PerplexityFilter | None = None, retokenize: float = 0.0, seed: int = 0,
+                 context: ContextOptions | None = None) -> None:
+        """prompt_filter refuses flagged prompts; retokenize > 0 encodes text prompts with BPE-dropout; context: the
+        decoding attention policy, chunked prefill and where KV caches live."""
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.prompt_filter = prompt_filter
         self.dropout = DropoutBPE(tokenizer, retokenize, seed) if retokenize else None
         self.encode = self.dropout.encode if self.dropout else tokenizer.encode
-        context = model.config.max_position_embeddings
-        self.max_length = min(max_length or min(context, DEFAULT_MAX_LENGTH), context)
-        self.engine = Engine(model, max_batch_size, self.max_length, continuous)
+        positions = model.config.max_position_embeddings
+        self.max_length = min(max_length or min(positions, DEFAULT_MAX_LENGTH), positions)
+        self.engine = Engine(model, max_batch_size, self.max_length, continuous, context)
         self.eos_ids = set(model.config.eos_token_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
 
     def start(self) -> None:
