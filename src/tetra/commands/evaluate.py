@@ -1,6 +1,6 @@
 """`tetra eval`: measure a model. `harness` runs EleutherAI lm-eval tasks through tetra's backend; `perplexity`
 scores prepared data or text with a sliding window; `winrate` has a judge compare two models' answers and fits
-the length-controlled win rate.
+the length-controlled win rate; `longctx` runs generated long-context tasks under each attention policy.
 
 Entry point: register(subparsers).
 """
@@ -13,6 +13,7 @@ from itertools import islice
 from pathlib import Path
 
 from tetra.commands.common import add_model_arguments, load_model_and_tokenizer, print_json
+from tetra.commands.evaluate_longctx import register_longctx
 from tetra.errors import ConfigError
 
 EXAMPLES = """examples:
@@ -21,6 +22,7 @@ EXAMPLES = """examples:
   tetra eval winrate --model-outputs mine.jsonl --baseline-outputs base.jsonl --judge http://127.0.0.1:8000/v1
   tetra eval winrate --model-outputs mine.jsonl --baseline-outputs base.jsonl --judge models/smollm2
   tetra eval harness models/smollm2 --tasks hellaswag,arc_easy --limit 100
+  tetra eval longctx models/smollm2 --lengths 1k,2k,4k --attention topk,h2o --budget 0.02 --out runs/longctx
   tetra eval harness runs/demo/checkpoints/final --tasks my_task --include-path my_tasks/ --json
   python -m tetra.eval.lm_eval_main --model tetra --model_args path=models/smollm2 --tasks arc_easy
 """
@@ -56,6 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     perplexity.add_argument("--max-documents", type=int, default=None, help="score only the first N documents")
     perplexity.add_argument("--json", action="store_true", help="print the result as one JSON object")
     perplexity.set_defaults(handler=run_perplexity)
+    register_longctx(verbs)
     winrate = verbs.add_parser("winrate", help="length-controlled win rate of one model's answers over another's",
                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     winrate.add_argument("--model-outputs", required=True, help='JSON lines of {"instruction", "output"}')

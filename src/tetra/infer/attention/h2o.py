@@ -45,17 +45,21 @@ class H2OCache(KVCache):
         self.length = max(self.length, start + keys.shape[2])
         cached_keys, cached_values = cached_keys.to(q.device, q.dtype), cached_values.to(q.device, q.dtype)
         batch, heads, length, dim = q.shape
-        total = cached_keys.shape[2]
-        qg = q.reshape(batch, self.kv_heads, heads // self.kv_heads, length, dim)
+        group = heads // self.kv_heads
+        qg = q.reshape(batch, self.kv_heads, group, length, dim)
         outputs = []
         for first in range(0, length, QUERY_BLOCK):
-            block = qg[:, :, :, first : first + QUERY_BLOCK]
-            logits = torch.einsum("bkgtd,bksd->bkgts", block, cached_keys).float() * self.scale
-            allowed = self._allowed(mask, start, first, block.shape[3], total, q.device)
-            logits = logits.masked_fill(~allowed, float("-inf"))
-            weights = torch.softmax(logits, dim=-1)
-            self.mass[layer, :, :, :total] += weights.sum(dim=(2, 3)).to(self.mass.device)
-            outputs.append(torch.einsum("bkgts,bksd->bkgtd", weights.to(cached_values.dtype), cached_values))
+            count = min(QUERY_BLOCK, length - first)
+            seen = start + first + count  # causal: no query of this block sees a key past its last one
+            block = qg[:, :, :, first : first + count].reshape(batch, self.kv_heads, group * count, dim)
+            logits = torch.matmul(block, cached_keys[:, :, :seen].transpose(-1, -2)).float() * self.scale
+            logits = logits.view(batch, self.kv_heads, group, count, seen)
+            allowed = self._allowed(mask, start, first, count, seen, q.device)
+            weights = torch.softmax(logits.masked_fill_(~allowed, float("-inf")), dim=-1)
+            self.mass[layer, :, :, :seen] += weights.sum(dim=(2, 3)).to(self.mass.device)
+            mixed = torch.matmul(weights.view(batch, self.kv_heads, group * count, seen).to(cached_values.dtype),
+                                 cached_values[:, :, :seen])
+            outputs.append(mixed.view(batch, self.kv_heads, group, count, dim))
         return torch.cat(outputs, dim=3).reshape(batch, heads, length, dim)
 
     @staticmethod
