@@ -162,7 +162,7 @@ def variable_tracking(rng: random.Random, units: int) -> Rendered:
 def common_words(rng: random.Random, units: int) -> Rendered:
     """A numbered word list: ten words repeat often, every other word appears twice."""
     common = rng.sample(WORDS, 10)
-    repeats = max(4, units // 25)
+    repeats = max(3, units // 25)
     rare = []
     while len(rare) < max(1, units // 2):
         word = _pseudo_word(rng)
