@@ -7,6 +7,8 @@ attend(), so the model itself never changes with the policy.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -17,9 +19,24 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
                     dropout_p: float = 0.0) -> torch.Tensor:
     """SDPA of q [B, H, T, D] over k, v [B, Hkv, S, D] (grouped heads); causal when queries and keys start together
     and no explicit mask is given, otherwise the caller's boolean mask."""
+    if q.shape[2] == 1 and q.device.type == "cpu" and dropout_p == 0.0:
+        return _one_query_attention(q, k, v, mask)
     causal = mask is None and q.shape[2] > 1 and k.shape[2] == q.shape[2]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p,
                                           enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A decode step as two batched matmuls with the query heads grouped under their KV head: on CPU this reads
+    each cached key once, where SDPA's grouped-query path takes about twice as long (benchmarks/long_context.py)."""
+    batch, heads, _, dim = q.shape
+    kv_heads = k.shape[1]
+    grouped = q.reshape(batch, kv_heads, heads // kv_heads, dim)
+    logits = torch.matmul(grouped, k.transpose(-1, -2)) * (1.0 / math.sqrt(dim))
+    if mask is not None:
+        logits = logits.masked_fill(~mask.reshape(mask.shape[0], 1, 1, mask.shape[-1]), float("-inf"))
+    weights = torch.softmax(logits.float(), dim=-1).to(v.dtype)
+    return torch.matmul(weights, v).reshape(batch, heads, 1, dim)
 
 
 class KVCache:
@@ -59,3 +76,15 @@ class KVCache:
             cached_keys = cached_keys.to(q.device, q.dtype, non_blocking=True)
             cached_values = cached_values.to(q.device, q.dtype, non_blocking=True)
         return dense_attention(q, cached_keys, cached_values, mask)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this cache holds, per device type ('cpu', 'cuda')."""
+        return _bytes_by_device(self.keys, self.values)
+
+
+def _bytes_by_device(*tensors: torch.Tensor | None) -> dict[str, int]:
+    held: dict[str, int] = {}
+    for tensor in tensors:
+        if tensor is not None:
+            held[tensor.device.type] = held.get(tensor.device.type, 0) + tensor.numel() * tensor.element_size()
+    return held

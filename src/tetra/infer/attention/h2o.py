@@ -130,6 +130,15 @@ class H2OCache(KVCache):
         self.kept[layer] = self._evict(entry, newest=start)
         return ungrouped(out)
 
+    def memory_bytes(self) -> dict[str, int]:
+        if self.kept is None:
+            return super().memory_bytes()
+        held: dict[str, int] = {}
+        for entry in self.kept:
+            for tensor in entry.values():
+                held[tensor.device.type] = held.get(tensor.device.type, 0) + tensor.numel() * tensor.element_size()
+        return held
+
     def kept_positions(self, layer: int) -> torch.Tensor:
         """Positions [B, Hkv, M] the layer still holds (tests, and what the eviction keeps)."""
         return self.kept[layer]["position"]

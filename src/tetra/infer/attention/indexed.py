@@ -19,7 +19,7 @@ from tetra.model import KVCache
 from tetra.model.config import ModelConfig
 
 HNSW_NEIGHBOURS = 32  # graph degree M of HNSW indexes
-IVF_POINTS_PER_LIST = 64  # IVF: about this many keys per inverted list
+IVF_SMALLEST = 256  # IVF needs enough keys to cluster; below this a flat index is exact and as fast
 
 
 def build_index(keys: np.ndarray, kind: str, wanted: int, probe: float = 0.25) -> faiss.Index:
@@ -28,8 +28,8 @@ def build_index(keys: np.ndarray, kind: str, wanted: int, probe: float = 0.25) -
     if kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efSearch = max(64, 2 * wanted)
-    elif kind == "ivf" and count >= 2 * IVF_POINTS_PER_LIST:
-        lists = max(1, count // IVF_POINTS_PER_LIST)
+    elif kind == "ivf" and count >= IVF_SMALLEST:
+        lists = max(1, min(count // 39, round(4 * math.sqrt(count))))  # faiss's advice: 4-16 sqrt(n), >= 39 per list
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
         index.cp.min_points_per_centroid = 1  # no warning for small lists; k-means still sees every key
         index.train(keys)
@@ -129,8 +129,15 @@ class IndexedTopKCache(KVCache):
         device = qg.device
         return torch.from_numpy(logits).to(device), picked.to(device, non_blocking=True)
 
+    def memory_bytes(self) -> dict[str, int]:
+        if self.prefix_end is None:
+            return super().memory_bytes()
+        held = {"cpu": self.host_bytes()}
+        held[self.compute_device.type] = held.get(self.compute_device.type, 0) + self.device_bytes()
+        return held
+
     def host_bytes(self) -> int:
-        """CPU memory of the prefix: the indexes' vectors (float32) and the values."""
+        """CPU memory of the prefix: the indexes' vectors (float32; HNSW's graph links come on top) and the values."""
         vectors = sum(index.ntotal for layer in self.indexes for row in layer for index in row if index is not None)
         dim = self.values.shape[-1]
         return vectors * dim * 4 + self.values.numel() * self.values.element_size()

@@ -50,8 +50,8 @@ class LokiBasis:
     def save(self, path: str | Path) -> None:
         tensors = {}
         for layer, (vectors, values) in enumerate(zip(self.components, self.eigenvalues, strict=True)):
-            tensors[f"layer.{layer}.components"] = vectors
-            tensors[f"layer.{layer}.eigenvalues"] = values
+            tensors[f"layer.{layer}.components"] = vectors.contiguous()
+            tensors[f"layer.{layer}.eigenvalues"] = values.contiguous()
         save_file(tensors, str(path), metadata={"format": "tetra-loki", "keys": "post-rotary",
                                                 "tokens": str(self.tokens), "layers": str(len(self.components))})
 
@@ -117,6 +117,12 @@ class LokiCache(TopKCache):
         low = torch.einsum("bhtd,hdr->bhtr", keys, self._projection(layer, keys))
         self.low_rank_keys[layer, :, :, start : start + keys.shape[2]] = low
         return super().update(layer, keys, values, start)
+
+    def memory_bytes(self) -> dict[str, int]:
+        held = super().memory_bytes()
+        low = self.low_rank_keys
+        held[low.device.type] = held.get(low.device.type, 0) + low.numel() * low.element_size()
+        return held
 
     def scores(self, layer: int, qg: torch.Tensor, prefix_keys: torch.Tensor) -> torch.Tensor:
         low_query = torch.einsum("bkgd,kdr->bkgr", qg, self._projection(layer, qg))
