@@ -214,3 +214,24 @@ def test_bad_policy_options_are_named():
         AttentionPolicy("sparse")
     with pytest.raises(ConfigError, match="--budget must be > 0"):
         AttentionPolicy("topk", budget=0)
+
+
+@pytest.mark.parametrize("length,count", [(1000, 20), (70000, 1400), (70000, 30000)])
+def test_select_top_finds_what_torch_topk_finds(length, count):
+    from tetra.infer.attention.union import select_top
+
+    scores = torch.randn(2, 2, 3, length, generator=torch.Generator().manual_seed(length))
+    found, expected = select_top(scores, count), torch.topk(scores, count, dim=-1)
+    assert torch.equal(found.indices.sort(-1).values, expected.indices.sort(-1).values)
+    torch.testing.assert_close(torch.gather(scores, -1, found.indices), found.values)
+
+
+def test_gather_rows_reads_a_slice_of_a_longer_cache_without_copying_it():
+    from tetra.infer.attention.union import gather_rows
+
+    full = torch.randn(3, 2, 50, 4)
+    index = torch.randint(0, 30, (3, 2, 4, 6), generator=torch.Generator().manual_seed(0))
+    for rows in (full[:, :, :30], full[1:, :, :30], full[:, 1:, 5:35]):
+        expected = torch.stack([torch.stack([rows[b, h][index[b, h]] for h in range(rows.shape[1])])
+                                for b in range(rows.shape[0])])
+        assert torch.equal(gather_rows(rows, index[: rows.shape[0], : rows.shape[1]]), expected)

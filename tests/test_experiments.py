@@ -69,3 +69,16 @@ def test_jailbreak_defenses_smoke(tmp_path):
     dropped = results["retokenization"]["BPE-dropout p=0.4"]
     assert dropped["prompt_tokens"] > results["retokenization"]["normal"]["prompt_tokens"]
     assert (tmp_path / "jailbreak_defenses.png").stat().st_size > 1000
+
+
+def test_long_context_quality_smoke(tmp_path):
+    sys.path.insert(0, str(EXPERIMENTS))
+    experiment = _load("long_context_quality")
+    assert experiment.main(["--smoke", "--work", str(tmp_path), "--budgets", "0.1,1.0", "--tasks", "needle,qa"]) == 0
+    results = json.loads((tmp_path / "long_context_quality.json").read_text())
+    relative = results["relative"]
+    assert set(relative) == {"dense", "topk", "loki", "h2o"}
+    for kind in ("topk", "loki", "h2o"):  # at a budget of everything each policy is dense attention
+        assert relative[kind]["1.0"]["accuracy"] == relative["dense"]["accuracy"]
+    assert (tmp_path / "long_context_quality.png").stat().st_size > 1000
+    assert "| topk |" in (tmp_path / "long_context_quality.md").read_text()

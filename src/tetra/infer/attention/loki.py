@@ -127,7 +127,7 @@ class LokiCache(TopKCache):
     def scores(self, layer: int, qg: torch.Tensor, prefix_keys: torch.Tensor) -> torch.Tensor:
         low_query = torch.einsum("bkgd,kdr->bkgr", qg, self._projection(layer, qg))
         low_keys = self.low_rank_keys[layer, :, :, : prefix_keys.shape[2]].to(qg.device, qg.dtype)
-        return torch.einsum("bkgr,bksr->bkgs", low_query, low_keys) * self.scale
+        return torch.matmul(low_query, low_keys.transpose(-1, -2)) * self.scale
 
     def selected_logits(self, qg: torch.Tensor, prefix_keys: torch.Tensor, picked) -> torch.Tensor:
         exact = torch.einsum("bkgd,bkgsd->bkgs", qg, gather_rows(prefix_keys, picked.indices)) * self.scale

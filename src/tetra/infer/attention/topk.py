@@ -10,7 +10,7 @@ import math
 import torch
 
 from tetra.infer.attention.policy import AttentionPolicy
-from tetra.infer.attention.union import attend_union, decode_validity, gather_rows, grouped, ungrouped
+from tetra.infer.attention.union import attend_union, decode_validity, gather_rows, grouped, select_top, ungrouped
 from tetra.model import KVCache
 from tetra.model.config import ModelConfig
 
@@ -53,10 +53,10 @@ class TopKCache(KVCache):
         valid = decode_validity(mask, cached_keys.shape[2])
         if valid is not None:
             scores = scores.masked_fill(~valid[..., :end], float("-inf"))
-        picked = torch.topk(scores, self.policy.keys_for(end), dim=-1)
+        picked = select_top(scores, self.policy.keys_for(end))
         selected_logits = self.selected_logits(qg, prefix_keys, picked)
         selected_values = gather_rows(cached_values[:, :, :end], picked.indices)
-        window_logits = torch.einsum("bkgd,bksd->bkgs", qg, cached_keys[:, :, end:]) * self.scale
+        window_logits = torch.matmul(qg, cached_keys[:, :, end:].transpose(-1, -2)) * self.scale
         if valid is not None:
             window_logits = window_logits.masked_fill(~valid[..., end:], float("-inf"))
         out = attend_union(selected_logits, selected_values, window_logits, cached_values[:, :, end:])
@@ -64,7 +64,7 @@ class TopKCache(KVCache):
 
     def scores(self, layer: int, qg: torch.Tensor, prefix_keys: torch.Tensor) -> torch.Tensor:
         """Scores [B, Hkv, G, P] that rank the prefix keys for each query head (here: the exact logits)."""
-        return torch.einsum("bkgd,bksd->bkgs", qg, prefix_keys) * self.scale
+        return torch.matmul(qg, prefix_keys.transpose(-1, -2)) * self.scale
 
     def selected_logits(self, qg: torch.Tensor, prefix_keys: torch.Tensor, picked) -> torch.Tensor:
         """The exact logits of the picked keys (the scores already are, for exact top-k)."""
