@@ -7,9 +7,9 @@ A Llama-shaped model with random weights (cost does not depend on the weights) d
 random keys and values of the given length (no prefill is timed: the cost of a decode step depends only on what the
 cache holds). At each length every policy's cache is built, then the policies' decode steps are timed interleaved,
 round after round, and the median per token is reported with its ratio to dense (above 1 = faster than dense). The
-crossover is the shortest measured length at which a policy beats dense. Memory is what each cache holds, per
-device; the last table is the longest context each policy's device-resident state allows in --memory-budget-gib,
-computed from those per-token byte counts with the model's weights taken off the top.
+crossover is the shortest measured length from which on a policy beats dense at every longer length. Memory is what
+each cache holds, per device; the last table is the longest context each policy's device-resident state allows in
+--memory-budget-gib, computed from those per-token byte counts with the model's weights taken off the top.
 """
 
 from __future__ import annotations
@@ -186,11 +186,11 @@ def main() -> None:
                   f"{build_s[name]:>9.2f}")
         del caches
     if "dense" in policies:
-        print("\ncrossover (shortest measured length at which the policy decodes faster than dense):")
+        print("\ncrossover (shortest measured length from which on the policy decodes faster than dense):")
         for name in policies:
             if name == "dense":
                 continue
-            faster = [length for length in lengths if rows[length][name][0] < rows[length]["dense"][0]]
+            faster = [n for n in lengths if all(rows[m][name][0] < rows[m]["dense"][0] for m in lengths if m >= n)]
             print(f"  {name:<18}{f'{min(faster):,} tokens' if faster else 'not within the measured lengths'}")
     if args.plot:
         plot(rows, lengths, list(policies), args.plot, f"{args.shape} model, {device.type}, budget {args.budget:g}")

@@ -116,3 +116,16 @@ def test_loki_calibrate_then_decode_with_it(tiny_checkpoint, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["completions"][0]["tokens"] == 5
     assert main(["generate", str(tiny_checkpoint), "--prompt", prompt, "--attention", "loki"]) == 2
     assert "tetra loki calibrate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options,phrase", [
+    (["--attention", "topk", "--budget", "0"], "--budget must be > 0"),
+    (["--kv-device", "tpu9"], "not a device name"),
+    (["--prefill-chunk", "-4"], "--prefill-chunk must be >= 0"),
+    (["--attention", "topk", "--recent", "0"], "--recent must be at least 1"),
+])
+def test_bad_long_context_options_are_named(tiny_checkpoint, capsys, options, phrase):
+    capsys.readouterr()
+    assert main(["generate", str(tiny_checkpoint), "--prompt", "def", "--max-new-tokens", "2", *options]) == 2
+    err = capsys.readouterr().err
+    assert phrase in err and "Traceback" not in err

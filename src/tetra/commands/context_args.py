@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from tetra.devices import resolve_device
 from tetra.infer.attention.loki import LOKI_FILE, LokiBasis
 from tetra.infer.attention.policy import INDEX_KINDS, POLICIES, AttentionPolicy
 from tetra.infer.context import ContextOptions
@@ -53,4 +54,5 @@ def context_options(args: argparse.Namespace) -> ContextOptions:
         LokiBasis.load(loki)  # a missing or unreadable calibration fails here, before any output
     budget = args.budget if args.attention != "dense" else 1.0
     policy = AttentionPolicy(args.attention, budget, args.recent, args.rank, args.index, args.probe, loki)
-    return ContextOptions(policy, args.prefill_chunk, KV_DTYPES[args.kv_dtype], args.kv_device)
+    kv_device = str(resolve_device(args.kv_device)) if args.kv_device else None
+    return ContextOptions(policy, args.prefill_chunk, KV_DTYPES[args.kv_dtype], kv_device)

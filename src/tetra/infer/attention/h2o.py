@@ -7,13 +7,11 @@ budget, every decode step adds its attention and evicts one key once over budget
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from tetra.infer.attention.policy import AttentionPolicy
+from tetra.infer.attention.policy_cache import PolicyCache
 from tetra.infer.attention.union import grouped, ungrouped
-from tetra.model import KVCache
 from tetra.model.config import ModelConfig
 
 # Queries per block when the prefill computes attention weights explicitly (their column sums are H2O's scores):
@@ -21,19 +19,15 @@ from tetra.model.config import ModelConfig
 QUERY_BLOCK = 256
 
 
-class H2OCache(KVCache):
+class H2OCache(PolicyCache):
     """Capacity after t tokens: `recent` + the budget's share of t. Kept keys carry their position, their
     accumulated attention and whether they are real (padding never counts as a heavy hitter)."""
 
     def __init__(self, config: ModelConfig, batch: int, max_length: int, dtype: torch.dtype,
                  device: torch.device | str, policy: AttentionPolicy) -> None:
-        super().__init__(config, batch, max_length, dtype, device)
-        self.policy = policy
-        self.kv_heads = config.kv_heads
-        self.scale = 1.0 / math.sqrt(config.resolved_head_dim)
+        super().__init__(config, batch, max_length, dtype, device, policy)
         self.mass = torch.zeros((config.n_layers, batch, config.kv_heads, max_length), dtype=torch.float32,
                                 device=device)
-        self.length = 0
         self.kept: list[dict[str, torch.Tensor]] | None = None  # per layer, after the prefill
 
     # ----- prefill: dense attention with explicit weights
@@ -42,7 +36,6 @@ class H2OCache(KVCache):
         if self.kept is not None:
             return self._decode(layer, q, keys, values, start)
         cached_keys, cached_values = self.update(layer, keys, values, start)
-        self.length = max(self.length, start + keys.shape[2])
         cached_keys, cached_values = cached_keys.to(q.device, q.dtype), cached_values.to(q.device, q.dtype)
         batch, heads, length, dim = q.shape
         group = heads // self.kv_heads

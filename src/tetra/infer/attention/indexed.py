@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from tetra.infer.attention.policy import AttentionPolicy
+from tetra.infer.attention.policy_cache import PolicyCache
 from tetra.infer.attention.union import attend_union, grouped, ungrouped
-from tetra.model import KVCache
 from tetra.model.config import ModelConfig
 
 HNSW_NEIGHBOURS = 32  # graph degree M of HNSW indexes
@@ -40,27 +40,19 @@ def build_index(keys: np.ndarray, kind: str, wanted: int, probe: float = 0.25) -
     return index
 
 
-class IndexedTopKCache(KVCache):
+class IndexedTopKCache(PolicyCache):
     """Prefill: keys and values in CPU memory, attention dense on the compute device. Decode: per layer, the
     prefix is searched (k = the budget) and the window [prefix_end, now] is dense on the compute device."""
 
     def __init__(self, config: ModelConfig, batch: int, max_length: int, dtype: torch.dtype,
                  compute_device: torch.device | str, policy: AttentionPolicy) -> None:
-        super().__init__(config, batch, max_length, dtype, "cpu")
-        self.policy, self.compute_device = policy, torch.device(compute_device)
-        self.kv_heads = config.kv_heads
-        self.scale = 1.0 / math.sqrt(config.resolved_head_dim)
-        self.length = 0
+        super().__init__(config, batch, max_length, dtype, "cpu", policy)
+        self.compute_device = torch.device(compute_device)
         self.prefix_end: int | None = None
         self.indexes: list[list[list[faiss.Index]]] = []  # [layer][row][kv head]
         self.positions: list[list[np.ndarray]] = []  # [row] -> prefix position of each indexed key
         self.window_keys: torch.Tensor | None = None  # [L, B, Hkv, max_length - prefix_end, D] on the device
         self.window_values: torch.Tensor | None = None
-
-    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor,
-               start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        self.length = max(self.length, start + keys.shape[2])
-        return super().update(layer, keys, values, start)
 
     def end_prefill(self, key_padding: torch.Tensor | None) -> None:
         end = self.prefix_end = max(0, self.length - self.policy.recent)

@@ -5,17 +5,15 @@ Entry point: TopKCache (a KVCache; prefill is dense, end_prefill() freezes the p
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from tetra.infer.attention.policy import AttentionPolicy
+from tetra.infer.attention.policy_cache import PolicyCache
 from tetra.infer.attention.union import attend_union, decode_validity, gather_rows, grouped, select_top, ungrouped
-from tetra.model import KVCache
 from tetra.model.config import ModelConfig
 
 
-class TopKCache(KVCache):
+class TopKCache(PolicyCache):
     """A dense cache whose decode steps attend to the policy's k best prefix keys and every key after the prefix.
 
     The prefix is the prompt minus its `recent` newest tokens, fixed when the prompt is in; keys generated later
@@ -24,17 +22,8 @@ class TopKCache(KVCache):
 
     def __init__(self, config: ModelConfig, batch: int, max_length: int, dtype: torch.dtype,
                  device: torch.device | str, policy: AttentionPolicy) -> None:
-        super().__init__(config, batch, max_length, dtype, device)
-        self.policy = policy
-        self.kv_heads = config.kv_heads
-        self.scale = 1.0 / math.sqrt(config.resolved_head_dim)
-        self.length = 0  # positions written so far
+        super().__init__(config, batch, max_length, dtype, device, policy)
         self.prefix_end: int | None = None  # None while the prompt is still being prefilled
-
-    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor,
-               start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        self.length = max(self.length, start + keys.shape[2])
-        return super().update(layer, keys, values, start)
 
     def end_prefill(self, key_padding: torch.Tensor | None) -> None:
         self.prefix_end = max(0, self.length - self.policy.recent)
