@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -90,9 +91,11 @@ def plot_budgets(table: dict, budgets: list[float], path: Path, title: str) -> N
     axis.axhline(1.0, color="black", linewidth=0.8)
     axis.axhline(0.95, color="gray", linestyle="--", linewidth=0.8, label="95% of dense")
     axis.set_xscale("log")
+    axis.set_xticks([100 * b for b in budgets], [f"{100 * b:g}%" for b in budgets])
+    axis.minorticks_off()
     axis.set_xlabel("budget (% of the prompt's keys attended, plus the recent window)")
     axis.set_ylabel("accuracy / dense accuracy")
-    axis.set_title(title, fontsize=9)
+    axis.set_title(textwrap.fill(title, 70), fontsize=9)
     axis.legend(fontsize=8)
     axis.grid(True, alpha=0.3)
     figure.tight_layout()

@@ -124,13 +124,14 @@ def run(args: argparse.Namespace) -> int:
         prompts = [prompt + decision.token for prompt, decision in zip(prompts, decisions, strict=True)]
     streaming = not args.json and len(prompts) == 1
 
+    echoed = []  # the prompt is echoed with the first new text: a refusal before generating leaves stdout empty
+
     def show(row: int, piece: str) -> None:
+        if not echoed:
+            echoed.append(sys.stdout.write(args.prompt[0]))
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    if streaming:
-        sys.stdout.write(args.prompt[0])
-        sys.stdout.flush()
     start = time.perf_counter()
     encode = _retokenizer(tokenizer, args, dict(zip(prompts, args.prompt, strict=True)))
     completions = generate_text(model, tokenizer, prompts, args.max_new_tokens, sampling, args.seed, args.stop,
@@ -151,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
                     "seconds": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 2)})
         return 0
     if streaming:
-        sys.stdout.write("\n")
+        sys.stdout.write(("" if echoed else args.prompt[0]) + "\n")
         sys.stdout.flush()
     else:
         for completion in completions:
