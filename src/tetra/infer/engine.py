@@ -93,9 +93,10 @@ class Engine:
         self.max_length = max_length or model.config.max_position_embeddings
         self.continuous = continuous
         self.context = context if context is not None and context != ContextOptions() else None
-        slots = 1 if self.context else max_batch_size
         self.slots = max_batch_size
-        self.cache = SlotCache(model.config, slots, self.max_length, model.embed.weight.dtype, self.device)
+        # With context options every job owns a policy cache; the shared slot cache is then never used.
+        self.cache = None if self.context else SlotCache(model.config, max_batch_size, self.max_length,
+                                                         model.embed.weight.dtype, self.device)
         self.inbox: queue.Queue[_Job] = queue.Queue()
         self.waiting: deque[_Job] = deque()
         self.active: dict[int, _Job] = {}
