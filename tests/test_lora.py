@@ -208,27 +208,44 @@ def test_lora_config_problems_are_listed():
 
 
 
-def test_lora_under_ddp_matches_one_process(lora_run):
-    """parallel.strategy = ddp trains the adapters like one process with the whole batch; the checkpoint is the
-    same adapter folder."""
+@pytest.mark.parametrize(("launch", "shared"), [
+    (["parallel.strategy=ddp", "train.batch_size=4"], []),
+    (["parallel.row=2", "parallel.gemm_layout=in_out", "train.batch_size=8"], ["train.neftune.alpha=5"]),
+    (["parallel.depth=2", "train.batch_size=4"], [])], ids=["ddp", "row-neftune", "depth"])
+def test_lora_on_two_processes_matches_one_and_resumes_on_one(lora_run, launch, shared):
+    """DDP and the 4D grid (adapters split with their base) train the adapters like one process with the whole
+    batch (row=2 does not split the batch, so each rank takes all 8 rows, and NEFTune's noise is one process's);
+    the checkpoint is the same PEFT adapter folder, and one process resumes from it exactly."""
     import subprocess
     import sys
+
+    from safetensors.torch import load_file
 
     from tetra.parallel.launch import free_port
 
     root, config = lora_run
-    common = ["train.precision=fp32", "train.max_steps=3"]
+    common = ["train.precision=fp32", "train.max_steps=4", "run.checkpoint_every=2", *shared]
     assert main(["train", str(config), *common, "train.batch_size=8", f"run.dir={root / 'one'}",
                  "--no-progress"]) == 0
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(free_port()), "-m", "tetra", "train", str(config), *common, "parallel.strategy=ddp",
-               f"run.dir={root / 'ddp'}", "--no-progress"]
+               str(free_port()), "-m", "tetra", "train", str(config), *common, *launch,
+               f"run.dir={root / 'two'}", "--no-progress"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    losses = {name: [json.loads(line)["loss"] for line in (root / name / "metrics.jsonl").read_text().splitlines()]
-              for name in ("one", "ddp")}
-    assert losses["ddp"] == pytest.approx(losses["one"], rel=1e-5)
-    assert (root / "ddp" / "checkpoints" / "step-0000003" / "adapter_model.safetensors").is_file()
+
+    def losses(name: str) -> list[float]:
+        return [json.loads(line)["loss"] for line in (root / name / "metrics.jsonl").read_text().splitlines()]
+
+    assert losses("two") == pytest.approx(losses("one"), rel=1e-5)
+    saved = {name: load_file(root / name / "checkpoints" / "step-0000002" / "adapter_model.safetensors")
+             for name in ("one", "two")}
+    assert sorted(saved["two"]) == sorted(saved["one"])
+    for key, value in saved["one"].items():
+        assert torch.allclose(saved["two"][key], value, rtol=1e-4, atol=1e-6), key
+    shutil.copytree(root / "two" / "checkpoints" / "step-0000002", root / "resumed" / "checkpoints" / "step-0000002")
+    assert main(["train", str(config), *common, "train.batch_size=8", f"run.dir={root / 'resumed'}",
+                 "--resume", "auto", "--no-progress"]) == 0
+    assert losses("resumed") == pytest.approx(losses("one")[2:], rel=1e-5)  # steps 3 and 4
 
 
 def test_lora_needs_a_pretrained_base_and_peft_names(hf_folder):

@@ -306,10 +306,9 @@ def validate_run_config(config: RunConfig, explicit_model: dict[str, Any]) -> li
                         "adapters, so a random base could not be recovered)")
     if train.neftune.alpha < 0:
         problems.append(f"train.neftune.alpha must be 0 (off) or positive (got {train.neftune.alpha})")
-    if config.lora.enabled and (config.parallel.strategy == "fsdp2" or any(
-            getattr(config.parallel, name) > 1 for name in ("depth", "row", "col")) or config.parallel.zero1):
-        problems.append("LoRA trains on one process or with parallel.strategy = \"ddp\" for now; the 4D grid's "
-                        "tensor dimensions, ZeRO-1 and FSDP2 do not split adapters yet")
+    if config.lora.enabled and (config.parallel.strategy == "fsdp2" or config.parallel.zero1):
+        problems.append("LoRA trains on one process, on the 4D grid or with parallel.strategy = \"ddp\"; FSDP2 and "
+                        "ZeRO-1 do not shard adapters (their optimizer state is small: leave parallel.zero1 off)")
     if not data.path:
         problems.append("data.path is empty: set it to a folder made by `tetra data prepare`")
     if config.init.preset and config.init.checkpoint:

@@ -1,7 +1,7 @@
 """Device and dtype choice from the environment: CUDA when present, else CPU; bf16 on GPUs, fp32 on CPUs.
 
-Entry points: resolve_device(name), resolve_dtype(name, device), synchronize(device) and
-measured_gemm_flops(dtype, device), this device's practical GEMM peak.
+Entry points: resolve_device(name), resolve_dtype(name, device), synchronize(device),
+measured_gemm_flops(dtype, device), this device's practical GEMM peak, and timing_input(...) for such measurements.
 """
 
 from __future__ import annotations
@@ -42,12 +42,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
     return DTYPE_NAMES[name]
 
 
+def timing_input(*shape: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Random operands for a timing, drawn from a private generator: a measurement taken on some ranks only, or
+    again at a resume, must not move the global random stream that training draws from (NEFTune, dropout)."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+
+
 def measured_gemm_flops(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 3,
                         rounds: int = 5) -> float:
     """FLOP/s of a square GEMM, best of several rounds: the CPU's practical peak (CPUs have no datasheet table
     here). The best round, not the mean, because other processes only ever make a round slower."""
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
+    a = timing_input(size, size, dtype=dtype, device=device)
+    b = timing_input(size, size, dtype=dtype, device=device)
     a @ b
     best = 0.0
     for _ in range(rounds):

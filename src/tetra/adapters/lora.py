@@ -138,12 +138,18 @@ def _module_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def _is_adapted(module: nn.Module) -> bool:
+    """A LoRALinear, or its grid-split version (parallel.tensor_parallel_lora), which has the same parameters."""
+    return isinstance(module, LoRALinear) or (hasattr(module, "lora_A") and hasattr(module, "lora_B"))
+
+
 def has_lora(model: nn.Module) -> bool:
-    return any(isinstance(module, LoRALinear) for module in model.modules())
+    return any(_is_adapted(module) for module in model.modules())
 
 
-def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every adapted Linear by qualified name (each has .lora_A.weight, .lora_B.weight, .rank and .scale)."""
+    return {name: module for name, module in model.named_modules() if _is_adapted(module)}
 
 
 def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -159,6 +165,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and put plain nn.Linear modules back (in place); the model then
     computes the same function with no adapter left, ready to save in any format."""
     for name, module in lora_modules(model).items():
+        if not isinstance(module, LoRALinear):
+            raise TypeError(f"merge_lora needs whole layers, and {name} is split over a grid; merge the saved "
+                            "adapter in one process (tetra convert to-hf CHECKPOINT OUT)")
         owner_name, _, attribute = name.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
         plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,

@@ -7,6 +7,7 @@ load_model_with_adapter(path, adapter, ...) for any model path that may be (or c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from tetra.model.vocabulary import grow_vocabulary
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model"  # .safetensors
 PEFT_PREFIX = "base_model.model."
+Cut = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (full tensor, parameter) -> the parameter's piece
 
 
 def is_adapter_only(path: str | Path) -> bool:
@@ -58,13 +60,20 @@ def _hf_names(model: Transformer) -> dict[str, str]:
     return names
 
 
-def save_peft_adapter(model: Transformer, folder: Path, config: LoRAConfig, base: str | Path | None) -> None:
-    """adapter_config.json + adapter_model.safetensors into an existing folder."""
+def save_peft_adapter(model: Transformer, folder: Path, config: LoRAConfig, base: str | Path | None,
+                      whole: dict[str, torch.Tensor] | None = None) -> None:
+    """adapter_config.json + adapter_model.safetensors into an existing folder. `whole`: the trainable tensors by
+    parameter name, gathered whole from a grid-split model (whose own parameters are pieces)."""
     names = _hf_names(model)
+    parameters = dict(model.named_parameters())
+
+    def value(name: str) -> torch.Tensor:
+        return (whole[name] if whole is not None and name in whole else parameters[name]).detach()
+
     tensors = {}
-    for module, layer in lora_modules(model).items():
-        tensors[f"{PEFT_PREFIX}{names[module]}.lora_A.weight"] = layer.lora_A.weight.detach()
-        tensors[f"{PEFT_PREFIX}{names[module]}.lora_B.weight"] = layer.lora_B.weight.detach()
+    for module in lora_modules(model):
+        for part in ("lora_A", "lora_B"):
+            tensors[f"{PEFT_PREFIX}{names[module]}.{part}.weight"] = value(f"{module}.{part}.weight")
     leaves = {name.rsplit(".", 1)[-1] for name in names.values()}
     every_layer = all(sum(hf.endswith("." + leaf) for hf in names.values()) == model.config.n_layers for leaf in leaves)
     extras = getattr(model, "lora_extras", [])
@@ -72,7 +81,7 @@ def save_peft_adapter(model: Transformer, folder: Path, config: LoRAConfig, base
     for extra in ["embed", "head"] if extras and tied else extras:  # PEFT writes a tied head's copy too
         source = "embed" if tied else extra
         tensors[f"{PEFT_PREFIX}{hf_module_name(model.config.family, extra)}.weight"] = \
-            getattr(model, source).weight.detach().clone()
+            value(f"{source}.weight").clone()
     write_tensors(tensors, folder, stem=ADAPTER_WEIGHTS)
     write_json(folder / ADAPTER_CONFIG, {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.rank, "lora_alpha": config.alpha,
@@ -153,8 +162,9 @@ def _load_extras(model: Transformer, tensors: dict[str, torch.Tensor], folder: P
 
 
 def _copy_adapter(model: Transformer, tensors: dict[str, torch.Tensor], targets: dict[str, str],
-                  folder: Path) -> None:
-    """PEFT tensors into the model's adapters (tetra module -> Hugging Face module in `targets`)."""
+                  folder: Path, cut: Cut | None = None) -> None:
+    """PEFT tensors into the model's adapters (tetra module -> Hugging Face module in `targets`); `cut` gives a
+    grid-split adapter its piece of each full tensor."""
     layers = lora_modules(model)
     wrong = []
     with torch.no_grad():
@@ -162,19 +172,27 @@ def _copy_adapter(model: Transformer, tensors: dict[str, torch.Tensor], targets:
             for part in ("lora_A", "lora_B"):
                 value = tensors.get(f"{PEFT_PREFIX}{hf_module}.{part}.weight")
                 target: nn.Parameter | None = getattr(layers[module], part).weight if module in layers else None
-                if value is None or target is None or value.shape != target.shape:
+                shape = None if target is None else _full_shape(target)
+                if value is None or target is None or tuple(value.shape) != shape:
                     found = "missing" if value is None else list(value.shape)
-                    needs = "no adapter there" if target is None else list(target.shape)
+                    needs = "no adapter there" if target is None else list(shape)
                     wrong.append(f"{hf_module}.{part} is {found}, the model has {needs}")
                 else:
-                    target.copy_(value)
+                    target.copy_(value if cut is None else cut(value, target))
     if wrong:
         raise CheckpointError(f"The adapter in {folder} does not fit this model: {'; '.join(wrong[:4])}. It was "
                               "trained on another base model (or with another rank); load it on its own base.")
 
 
-def load_adapter_weights_into(model: Transformer, folder: str | Path) -> None:
-    """Copy a PEFT folder's adapter weights into a model that already has the same adapters (resuming)."""
+def _full_shape(parameter: torch.Tensor) -> tuple[int, ...]:
+    """The whole tensor's shape, also for a grid-split piece (which records it in its layout)."""
+    layout = getattr(parameter, "tetra_layout", None)
+    return tuple(layout.full_shape) if layout is not None else tuple(parameter.shape)
+
+
+def load_adapter_weights_into(model: Transformer, folder: str | Path, cut: Cut | None = None) -> None:
+    """Copy a PEFT folder's adapter weights into a model that already has the same adapters (resuming); `cut`
+    (full tensor, parameter) -> piece, for a grid-split model."""
     folder = Path(folder)
     tensors = read_tensors(folder, stem=ADAPTER_WEIGHTS)
     _load_extras(model, tensors, folder)
@@ -185,7 +203,7 @@ def load_adapter_weights_into(model: Transformer, folder: str | Path) -> None:
         raise CheckpointError(f"The adapter in {folder} does not hold this run's adapters (missing: "
                               f"{', '.join(missing[:4]) or 'none'}; {len(tensors)} tensors for {len(targets)} "
                               "adapted layers). Resume with the [lora] settings the run started with.")
-    _copy_adapter(model, tensors, targets, folder)
+    _copy_adapter(model, tensors, targets, folder, cut)
 
 
 def load_model_with_adapter(path: str | Path, adapter: str | Path | None = None, dtype: torch.dtype | None = None,

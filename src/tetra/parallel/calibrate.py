@@ -13,7 +13,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from tetra.devices import measured_gemm_flops, synchronize
+from tetra.devices import measured_gemm_flops, synchronize, timing_input
 from tetra.parallel.launch import spawn_collect
 
 GEMM_SIZES = (512, 1024, 2048)
@@ -84,7 +84,7 @@ def _overlap_efficiency(device: torch.device) -> float:
     step pays only the longer of the two; 0: it pays both). Collective: every rank measures, the mean is kept.
     Processes that share their cores with the collective's own threads hide little."""
     message = torch.ones(MESSAGE_BYTES[-1] // 4, device=device)
-    a = torch.randn(1024, 1024, device=device)
+    a = timing_input(1024, 1024, device=device)
     comm_s = _timed(_synchronized(lambda: dist.all_reduce(message), device), dist.group.WORLD)
     gemm_once = _timed(_synchronized(lambda: a @ a, device), dist.group.WORLD)
     count = torch.tensor([max(1.0, round(comm_s / gemm_once))])

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tetra.devices import synchronize
+from tetra.devices import synchronize, timing_input
 
 OUT_IN, IN_OUT = "out_in", "in_out"
 GEMM_LAYOUTS = (OUT_IN, IN_OUT)
@@ -76,11 +76,11 @@ def time_layouts(shape: Shape, tokens: int, dtype: torch.dtype, device: torch.de
                  repeats: int = 5) -> dict[str, float]:
     """Seconds for one Linear's three GEMMs (forward, input gradient, weight gradient) in each layout."""
     out_features, in_features = shape
-    x = torch.randn(tokens, in_features, dtype=dtype, device=device)
-    grad_y = torch.randn(tokens, out_features, dtype=dtype, device=device)
+    x = timing_input(tokens, in_features, dtype=dtype, device=device)
+    grad_y = timing_input(tokens, out_features, dtype=dtype, device=device)
 
     def step(layout: str) -> Callable[[], None]:
-        weight = torch.randn(stored_shape(shape, layout), dtype=dtype, device=device)
+        weight = timing_input(*stored_shape(shape, layout), dtype=dtype, device=device)
 
         def run() -> None:
             forward_gemm(x, weight, layout)

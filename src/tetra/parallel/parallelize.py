@@ -29,6 +29,7 @@ from tetra.parallel.tensor_parallel import (
     linear_weight_layout,
     vocab_parallel_cross_entropy,
 )
+from tetra.parallel.tensor_parallel_lora import TensorParallelLoRALinear, is_lora_linear
 
 
 def _split_linears(model: Transformer) -> Iterator[tuple[nn.Module, str, bool]]:
@@ -61,14 +62,16 @@ def parallelize(model: Transformer, grid: ProcessGrid, overlap: bool = True,
     stored in (gemm_layout.py; choose_layouts); shapes not in it keep torch's [out, in]. regather: depth-sharded
     Linears gather their block again in backward rather than keep it from forward (less memory, one more
     all-gather per layer; bit-identical results). Off by default: on the machines measured so far the extra
-    gathers cost more time than the held blocks cost memory."""
+    gathers cost more time than the held blocks cost memory. A LoRA-adapted Linear keeps its adapter, split with
+    its frozen base (tensor_parallel_lora.py); frozen parameters stay frozen."""
     check_grid(grid.shape, model.config)
     schedule = CommSchedule(overlap, regather=regather)
     layouts = dict(gemm_layouts or {})
     for (owner, name, transposed), shape in zip(list(_split_linears(model)), linear_block_shapes(model, grid),
                                                 strict=True):
-        setattr(owner, name, TensorParallelLinear(getattr(owner, name), grid, transposed, schedule,
-                                                  layouts.get(shape, OUT_IN)))
+        linear = getattr(owner, name)
+        split = TensorParallelLoRALinear if is_lora_linear(linear) else TensorParallelLinear
+        setattr(owner, name, split(linear, grid, transposed, schedule, layouts.get(shape, OUT_IN)))
     width = model.config.hidden_size
     model.embed = VocabParallelEmbedding(model.embed, grid)
     if model.pos_embed is not None:

@@ -28,8 +28,9 @@ from tetra.parallel.overlap import CommSchedule
 
 
 def sharded_parameter(full: torch.Tensor, layout: Layout, grid: ProcessGrid) -> nn.Parameter:
-    """A Parameter holding this rank's piece, tagged with its layout (used for gathering and global norms)."""
-    parameter = nn.Parameter(shard(full, layout, grid))
+    """A Parameter holding this rank's piece, tagged with its layout (used for gathering and global norms); a frozen
+    source (a LoRA base) stays frozen."""
+    parameter = nn.Parameter(shard(full.detach(), layout, grid), requires_grad=full.requires_grad)
     parameter.tetra_layout = layout
     return parameter
 
@@ -73,7 +74,9 @@ class _OverlappedLinear(torch.autograd.Function):
         x_c, weight_c = x.to(dtype), weight.to(dtype)
         # A depth-gathered block is either kept for backward or, with regather, dropped now and gathered again.
         ctx.regather = layer.depth_group is not None and layer.schedule.regather
-        ctx.save_for_backward(x_c, None if ctx.regather else weight_c)
+        # A frozen weight (a LoRA base) needs no gradient, so its input need not be kept.
+        ctx.trains_weight = shard.requires_grad
+        ctx.save_for_backward(x_c if ctx.trains_weight else None, None if ctx.regather else weight_c)
         ctx.layer, ctx.input_dtype, ctx.weight_dtype, ctx.compute_dtype = layer, x.dtype, weight.dtype, dtype
         with torch.autocast(x.device.type, enabled=False):
             return forward_gemm(x_c, weight_c, layer.gemm_layout)
@@ -89,6 +92,8 @@ class _OverlappedLinear(torch.autograd.Function):
         grad_y = grad_y.to(weight.dtype)
         grad_x = input_grad_gemm(grad_y, weight, layer.gemm_layout)  # partial: this rank's out-features only
         summing = start_all_reduce(grad_x, layer.out_group, schedule.blocking)
+        if not ctx.trains_weight:
+            return summing.wait().to(ctx.input_dtype), None, None, None
         grad_weight = weight_grad_gemm(grad_y, x, layer.gemm_layout).to(ctx.weight_dtype)
         grad_x = summing.wait().to(ctx.input_dtype)
         if layer.depth_group is None:
@@ -116,14 +121,14 @@ class TensorParallelLinear(nn.Module):
         # W is [out, in]: normally out over rows and in over columns; transposed layers swap the two roles.
         weight_layout = linear_weight_layout(linear.weight.shape, transposed, gemm_layout)
         self.stored_shape = weight_layout.stored_block_shape(grid)
-        self.weight = sharded_parameter(linear.weight.data, weight_layout, grid)
+        self.weight = sharded_parameter(linear.weight, weight_layout, grid)
         if self.depth_group is not None:
             self.schedule.gradient_arrives_deferred(self.weight)
         self.bias = None
         if linear.bias is not None:
             bias_layout = Layout(tuple(linear.bias.shape), col_dim=0) if transposed else \
                 Layout(tuple(linear.bias.shape), row_dim=0)
-            self.bias = sharded_parameter(linear.bias.data, bias_layout, grid)
+            self.bias = sharded_parameter(linear.bias, bias_layout, grid)
 
     def gathered_block(self, backward: bool = False) -> torch.Tensor:
         """This rank's whole [out, in] block (in its stored layout); gathered over depth when sharded."""
@@ -165,7 +170,7 @@ class VocabParallelEmbedding(nn.Module):
         self.start = grid.index("row") * self.per_rank
         layout = Layout(tuple(embedding.weight.shape), 0, 1, depth=True)
         self.block_shape = layout.block_shape(grid)
-        self.weight = sharded_parameter(embedding.weight.data, layout, grid)
+        self.weight = sharded_parameter(embedding.weight, layout, grid)
 
     def block(self) -> torch.Tensor:
         """This rank's [vocab / row, hidden / col] table (for the embedding and a tied head)."""
@@ -185,7 +190,7 @@ class ColumnSplitEmbedding(nn.Module):
 
     def __init__(self, embedding: nn.Embedding, grid: ProcessGrid) -> None:
         super().__init__()
-        self.weight = sharded_parameter(embedding.weight.data, Layout(tuple(embedding.weight.shape), None, 1), grid)
+        self.weight = sharded_parameter(embedding.weight, Layout(tuple(embedding.weight.shape), None, 1), grid)
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         return F.embedding(positions, self.weight)
@@ -211,10 +216,10 @@ class ParallelNorm(nn.Module):
         super().__init__()
         self.group, self.width = grid.groups["col"], width
         self.eps = norm.eps
-        self.weight = sharded_parameter(norm.weight.data, Layout((width,), None, 0), grid)
+        self.weight = sharded_parameter(norm.weight, Layout((width,), None, 0), grid)
         self.bias = None
         if getattr(norm, "bias", None) is not None:
-            self.bias = sharded_parameter(norm.bias.data, Layout((width,), None, 0), grid)
+            self.bias = sharded_parameter(norm.bias, Layout((width,), None, 0), grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype, x = x.dtype, x.float()

@@ -30,7 +30,7 @@ from tetra.model.io import (
 from tetra.model.safetensors_io import read_tensors, write_tensors
 from tetra.model.sharded_io import has_shards, read_sharded_tensors, sharded_metadata
 from tetra.parallel.grid import ProcessGrid
-from tetra.parallel.layout import shard
+from tetra.parallel.layout import shard, unshard
 from tetra.parallel.zero import set_optimizer_state
 from tetra.train.distributed import is_main_rank
 from tetra.train.sharded_checkpoint import load_shards, save_shards
@@ -95,11 +95,22 @@ def save_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer: tor
 
 def save_replicated_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
                                state: dict[str, Any], config_toml: str, tokenizer_from: Path | None,
-                               keep: int) -> Path:
+                               keep: int, grid: ProcessGrid | None = None) -> Path:
     """DDP or FSDP2: every rank assembles the full tensors (a collective for FSDP2's DTensors) and rank 0 writes
-    them in the single-process format, which any grid or strategy can resume from."""
-    weights = {name: full_tensor(value.detach()) for name, value in model_tensors_for_saving(model).items()}
-    optimizer_tensors = {key: full_tensor(value) for key, value in _optimizer_tensors(model, optimizer).items()}
+    them in the single-process format, which any grid or strategy can resume from. LoRA on the 4D grid (grid
+    given) takes this path too: only the small adapters and their optimizer state are gathered."""
+    parameters = dict(model.named_parameters())
+
+    def whole(name: str, value: torch.Tensor) -> torch.Tensor:
+        layout = getattr(parameters.get(name), "tetra_layout", None)
+        if grid is None or layout is None or value.dim() == 0:
+            return full_tensor(value.detach())
+        return unshard(value.detach(), layout, grid)
+
+    saved = _adapter_tensors(model) if has_lora(model) else model_tensors_for_saving(model)
+    weights = {name: whole(name, value) for name, value in saved.items()}
+    optimizer_tensors = {key: whole(key.rsplit("/", 1)[0], value)
+                         for key, value in _optimizer_tensors(model, optimizer).items()}
     folder = checkpoint_folder(run_dir, step)
     if is_main_rank():
         with atomic_directory(folder, overwrite=True) as staging:
@@ -112,13 +123,18 @@ def save_replicated_checkpoint(run_dir: Path, step: int, model: Transformer, opt
     return folder
 
 
+def _adapter_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """What a LoRA checkpoint holds: the trainable tensors (adapters and new token rows), by parameter name."""
+    return {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+
 def _write_weights(model: Transformer, folder: Path, tokenizer_from: Path | None,
                    weights: dict[str, torch.Tensor] | None = None) -> None:
     """The model's weights; with LoRA, only the adapters (PEFT's format) beside the config, since the base is
-    unchanged and stays where init.checkpoint points."""
+    unchanged and stays where init.checkpoint points. `weights`: full tensors gathered from a parallel model."""
     if has_lora(model):
         write_model_files(model, folder, tokenizer_from, weights=False)
-        save_peft_adapter(model, folder, model.lora_config, model.lora_base)
+        save_peft_adapter(model, folder, model.lora_config, model.lora_base, weights)
     else:
         write_model_files(model, folder, tokenizer_from, state=weights)
 
@@ -180,7 +196,7 @@ def _check_sharded_shapes(folder: Path, model: Transformer) -> None:
 def _load_weights(model: Transformer, folder: Path, grid: ProcessGrid | None) -> None:
     """Full weights (safetensors or shards) into a single model, or cut into this rank's pieces."""
     if has_lora(model):  # the base came from init.checkpoint; the checkpoint holds the adapters
-        load_adapter_weights_into(model, folder)
+        load_adapter_weights_into(model, folder, cut=lambda full, parameter: _piece(full, parameter, grid))
         return
     if grid is None and not any(is_dtensor(parameter) for parameter in model.parameters()):  # FSDP2: pieces
         load_weights_into(model, folder)

@@ -7,7 +7,11 @@ Applied from outside with two hooks: a pre-hook on the model reads the batch's d
 and a hook on the token embedding adds the noise. The noise is drawn from torch's global generator, which
 checkpoints save and restore, so a resumed run draws the same noise.
 
-Entry point: attach_neftune(model, alpha) -> NEFTune (call .remove() to detach).
+On the 4D grid the embedding's output holds this rank's columns of the hidden state: the noise is drawn for the
+full width and cut to them, so the ranks of a row group add the same noise and a grid whose batch is not split
+(row x col) adds exactly the noise of one process.
+
+Entry point: attach_neftune(model, alpha, grid=None) -> NEFTune (call .remove() to detach).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from tetra.parallel.grid import ProcessGrid
 
 
 def document_lengths(input_ids: torch.Tensor, document_ids: torch.Tensor | None) -> torch.Tensor:
@@ -30,8 +36,9 @@ def document_lengths(input_ids: torch.Tensor, document_ids: torch.Tensor | None)
 class NEFTune:
     """The two hooks and the document ids they share for the current forward pass."""
 
-    def __init__(self, model: nn.Module, alpha: float) -> None:
+    def __init__(self, model: nn.Module, alpha: float, grid: ProcessGrid | None = None) -> None:
         self.alpha, self.width = alpha, model.config.hidden_size
+        self.parts, self.index = (1, 0) if grid is None else (grid.size("col"), grid.index("col"))
         self._documents: torch.Tensor | None = None
         self._handles = [model.register_forward_pre_hook(self._remember, with_kwargs=True),
                          model.embed.register_forward_hook(self._add_noise)]
@@ -45,7 +52,8 @@ class NEFTune:
         lengths = document_lengths(inputs[0], self._documents)
         scale = torch.where(lengths > 0, self.alpha / torch.sqrt(lengths.clamp(min=1.0) * self.width),
                             torch.zeros_like(lengths))
-        noise = torch.rand(output.shape, device=output.device, dtype=torch.float32) * 2 - 1
+        full = (*output.shape[:-1], self.width)
+        noise = torch.rand(full, device=output.device, dtype=torch.float32).chunk(self.parts, -1)[self.index] * 2 - 1
         return output + (noise * scale[..., None]).to(output.dtype)
 
     def remove(self) -> None:
@@ -53,6 +61,7 @@ class NEFTune:
             handle.remove()
 
 
-def attach_neftune(model: nn.Module, alpha: float) -> NEFTune:
-    """Noisy embeddings in training for `model` (a Transformer, not a DDP wrapper: the hooks sit on its modules)."""
-    return NEFTune(model, alpha)
+def attach_neftune(model: nn.Module, alpha: float, grid: ProcessGrid | None = None) -> NEFTune:
+    """Noisy embeddings in training for `model` (a Transformer, not a DDP wrapper: the hooks sit on its modules;
+    a grid-split one after parallelize(), with its grid)."""
+    return NEFTune(model, alpha, grid)

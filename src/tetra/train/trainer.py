@@ -182,18 +182,14 @@ def build_loop(config: RunConfig, explicit_model: dict[str, Any]) -> tuple[Loop,
     train_batches, val_batches = _open_batches(config, data, replica)
     model, tokenizer_folder = build_model_for_run(config, explicit_model, data, device)
     if config.lora.enabled:
-        if replica.splits_model:
-            raise ConfigError("LoRA does not run on the 4D grid yet (its layers would replace the adapted Linears). "
-                              "Launch with parallel.strategy=ddp for data parallelism, or on one process.")
         apply_lora(model, config.lora, base=config.init.checkpoint or None, seed=config.train.seed)
         check_peft_names(model)  # before training, not at the first checkpoint
         if hasattr(model, "added_token_rows"):  # new tokens (refusal tokens) need trainable embeddings
+            if replica.splits_model:
+                raise ConfigError("This data adds tokens to the vocabulary (refusal tokens), and LoRA on the 4D "
+                                  "grid's tensor dimensions does not train new embedding rows yet. Train it on one "
+                                  "process or with parallel.strategy=ddp.")
             train_added_token_rows(model, model.added_token_rows[0], config.lora.new_token_lr_scale)
-    if config.train.neftune.alpha > 0:
-        if replica.splits_model:
-            raise ConfigError("train.neftune does not run on the 4D grid yet; use one process or "
-                              "parallel.strategy=ddp.")
-        attach_neftune(model, config.train.neftune.alpha)
     autocast_dtype, precision_reason = choose_autocast_dtype(config.train.precision, device)
     if config.lora.enabled and autocast_dtype is not None:
         store_frozen_weights_in(model, autocast_dtype)
@@ -206,11 +202,16 @@ def build_loop(config: RunConfig, explicit_model: dict[str, Any]) -> tuple[Loop,
         gemm_layouts = {f"{out}x{in_}": layout for (out, in_), layout in sorted(layouts.items())}
         parallelize(model, grid, overlap=config.parallel.overlap, gemm_layouts=layouts,
                     regather=config.parallel.regather)
+    if config.train.neftune.alpha > 0:  # on the modules training runs: after the grid has replaced them
+        attach_neftune(model, config.train.neftune.alpha, grid if replica.splits_model else None)
     if config.train.activation_checkpointing:
         enable_activation_checkpointing(model)
     forward_model = wrap_model(model, strategy, device)  # DDP wraps; FSDP2 shards the model in place
     forward_model = torch.compile(forward_model) if config.train.compile else forward_model
     optimizer = build_optimizer(model, config.train, grid if replica.splits_model else None, config.parallel.zero1)
+    # Training's own random draws (NEFTune's noise, LoRA's dropout) start here from train.seed, the same on every
+    # rank whatever was drawn while building (layout timing on rank 0 only); a resume restores the saved state.
+    torch.manual_seed(config.train.seed)
     loop = Loop(config, model, forward_model, optimizer, train_batches, val_batches, autocast_dtype, precision_reason,
                 device, replica, gemm_layouts)
     return loop, tokenizer_folder
@@ -311,9 +312,10 @@ def train(config: RunConfig, explicit_model: dict[str, Any], resume: str | None 
         samples = step * config.train.batch_size * config.train.grad_accum * loop.replica.batch_ranks
         state = {"samples": samples, "loss": last_loss,
                  "epoch": loop.train_batches.epoch_of(step * config.train.grad_accum)}
-        if grid is not None and not loop.replica.splits_model:
+        if grid is not None and (not loop.replica.splits_model or config.lora.enabled):  # LoRA: adapters whole
             return save_replicated_checkpoint(run_dir, step, loop.model, loop.optimizer, state, config_toml,
-                                              tokenizer_folder, config.run.keep_checkpoints)
+                                              tokenizer_folder, config.run.keep_checkpoints,
+                                              grid if loop.replica.splits_model else None)
         return save_checkpoint(run_dir, step, loop.model, loop.optimizer, state, config_toml, tokenizer_folder,
                                config.run.keep_checkpoints, grid)
 
