@@ -58,3 +58,20 @@ def test_no_gradient_work_without_autograd():
         losses = chunked_token_loss(hidden, weight, labels)
     assert losses.grad_fn is None and torch.allclose(losses.double(),
                                                      per_token_loss(hidden @ weight.t(), labels).double(), atol=1e-6)
+
+
+def test_only_trained_tokens_reach_the_head(monkeypatch):
+    """Masked labels (prompts, padding) never get logits, and a batch with nothing to train gives zeros."""
+    from tetra.train import chunked_loss
+
+    seen = []
+    original = chunked_loss._chunk_loss
+    monkeypatch.setattr(chunked_loss, "_chunk_loss", lambda piece, *rest: seen.append(len(piece)) or
+                        original(piece, *rest))
+    hidden, weight, labels, _ = _case(frozen=True)
+    chunked_token_loss(hidden, weight, labels).sum().backward()
+    assert sum(seen) == int((labels != -100).sum()) < labels.numel()
+    hidden.grad = None
+    losses = chunked_token_loss(hidden, weight, torch.full_like(labels, -100))
+    losses.sum().backward()
+    assert bool((losses == 0).all()) and bool((hidden.grad == 0).all())

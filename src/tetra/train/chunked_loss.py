@@ -8,6 +8,8 @@ gradient of token i's loss: a per-token scale. So when the head is frozen (LoRA)
 are recomputed. When the head trains, backward recomputes each chunk's logits (one more head GEMM) to form both
 gradients.
 
+Only tokens with a label go through the head (chat data masks prompts and padding, often most of a batch).
+
 Entry point: chunked_token_loss(hidden [..., d], weight [V, d], labels [...], chunk_tokens) -> per-token losses.
 """
 
@@ -81,5 +83,13 @@ def chunked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     eager = torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
-    flat = _ChunkedLinearCrossEntropy.apply(hidden.flatten(0, -2), weight, labels.flatten(), chunk_tokens, eager)
-    return flat.view(labels.shape)
+    hidden, labels_flat = hidden.flatten(0, -2), labels.flatten()
+    trained = (labels_flat != IGNORE_INDEX).nonzero()[:, 0]
+    if len(trained) == len(labels_flat):
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels_flat, chunk_tokens, eager).view(labels.shape)
+    # Only trained tokens go through the head: in chat data most labels are masked (prompts, padding), and their
+    # logits would be computed only to be multiplied by zero. The others' losses (and gradients) are exactly 0.
+    picked = _ChunkedLinearCrossEntropy.apply(hidden.index_select(0, trained), weight, labels_flat[trained],
+                                              chunk_tokens, eager)
+    losses = picked.new_zeros(len(labels_flat)).index_copy(0, trained, picked)
+    return losses.view(labels.shape)
