@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from tetra.commands.arithmetic import register_data as register_arithmetic_data
 from tetra.commands.common import print_json
 from tetra.data.chat import FORMATS, TRAIN_ON
 from tetra.data.inspect import inspect_records
@@ -38,7 +39,7 @@ INSPECT_EXAMPLES = """examples:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("data", help="prepare and inspect training data")
-    actions = parser.add_subparsers(dest="action", required=True, metavar="{prepare,inspect,generate}")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="{prepare,inspect,generate,arithmetic}")
     prepare = actions.add_parser("prepare", help="tokenize documents or conversations into token shards",
                                  epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     prepare.add_argument("source", help="file, folder, glob (.txt, .jsonl, .parquet, ...) or 'stdlib'")
@@ -90,6 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                "(refusal_category 'made_up', for --refusal-tokens)")
     generate.add_argument("--seed", type=int, default=0)
     generate.set_defaults(handler=run_generate)
+    register_arithmetic_data(actions)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import sys
 from itertools import islice
 from pathlib import Path
 
+from tetra.commands.arithmetic import register_eval as register_arithmetic_eval
 from tetra.commands.common import add_model_arguments, load_model_and_tokenizer, print_json
 from tetra.commands.evaluate_longctx import register_longctx
 from tetra.errors import ConfigError
@@ -59,6 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     perplexity.add_argument("--json", action="store_true", help="print the result as one JSON object")
     perplexity.set_defaults(handler=run_perplexity)
     register_longctx(verbs)
+    register_arithmetic_eval(verbs)
     winrate = verbs.add_parser("winrate", help="length-controlled win rate of one model's answers over another's",
                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     winrate.add_argument("--model-outputs", required=True, help='JSON lines of {"instruction", "output"}')

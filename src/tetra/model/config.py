@@ -14,6 +14,7 @@ from tetra.errors import ConfigError
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "opt")
+SUPPORTED_POSITIONS = ("rope", "learned", "abacus", "abacus+rope", "none")
 
 
 @dataclass
@@ -44,7 +45,7 @@ class ModelConfig:
     norm_eps: float = 1e-5  # epsilon inside the norms
     activation: str = "silu"  # silu | gelu | gelu_tanh | relu
     gated_mlp: bool = True  # SwiGLU-style gate * up (Llama) instead of up -> act -> down (GPT-2, OPT)
-    positions: str = "rope"  # rope | learned
+    positions: str = "rope"  # rope | learned | abacus | abacus+rope | none (no positions at all)
     position_offset: int = 0  # learned positions start at this row (OPT uses 2)
     rope_theta: float = 10000.0  # rotary base
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
@@ -58,10 +59,17 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None  # end-of-sequence token(s): generation stops there
     pad_token_id: int | None = None  # padding token, if any
     dtype: str = "float32"  # parameter dtype the weights were stored in: float32 | bfloat16 | float16
+    abacus_digit_ids: list[int] = field(default_factory=list)  # abacus: the token ids of 0..9, single-digit tokens
+    abacus_max_digits: int = 0  # abacus: the longest number the table covers without the training offset
+    abacus_max_offset: int = 99  # abacus: training adds k ~ U{0..this} to every digit place
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = RopeScaling(**self.rope_scaling)
+
+    @property
+    def uses_rotary(self) -> bool:
+        return self.positions in ("rope", "abacus+rope")
 
     @property
     def kv_heads(self) -> int:
@@ -89,7 +97,7 @@ class ModelConfig:
         problems += [f"model.{name} must be positive (got {getattr(self, name)})" for name in positive
                      if getattr(self, name) <= 0]
         choices = {"family": SUPPORTED_FAMILIES, "norm": ("rmsnorm", "layernorm"),
-                   "activation": SUPPORTED_ACTIVATIONS, "positions": ("rope", "learned"),
+                   "activation": SUPPORTED_ACTIVATIONS, "positions": SUPPORTED_POSITIONS,
                    "dtype": ("float32", "bfloat16", "float16")}
         problems += [f"model.{name} is {getattr(self, name)!r}; choose one of {', '.join(options)}"
                      for name, options in choices.items() if getattr(self, name) not in options]
@@ -101,7 +109,15 @@ class ModelConfig:
         if self.n_heads > 0 and not self.head_dim and self.hidden_size % self.n_heads:
             problems.append(f"model.hidden_size ({self.hidden_size}) must divide by model.n_heads ({self.n_heads}), "
                             "or set model.head_dim explicitly")
-        if self.positions == "rope" and self.n_heads > 0 and self.resolved_head_dim % 2:
+        if self.positions.startswith("abacus"):
+            if len(self.abacus_digit_ids) != 10 or len(set(self.abacus_digit_ids)) != 10:
+                problems.append("abacus positions need model.abacus_digit_ids: the ten token ids of 0..9, each digit "
+                                "a token of its own (`tetra data arithmetic` writes a tokenizer like that)")
+            if self.abacus_max_digits <= 0 or self.abacus_max_offset < 0:
+                problems.append("abacus positions need model.abacus_max_digits > 0 (the longest number) and "
+                                "model.abacus_max_offset >= 0 (got "
+                                f"{self.abacus_max_digits}, {self.abacus_max_offset})")
+        if self.uses_rotary and self.n_heads > 0 and self.resolved_head_dim % 2:
             problems.append(f"rotary positions need an even head width (got {self.resolved_head_dim})")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"model.dropout must be in [0, 1) (got {self.dropout})")
@@ -143,4 +159,6 @@ class ModelConfig:
             total += self.vocab_size * hidden * (1 if self.tie_embeddings else 2)
             if self.positions == "learned":
                 total += (self.max_position_embeddings + self.position_offset) * hidden
+            if self.positions.startswith("abacus"):
+                total += (self.abacus_max_offset + self.abacus_max_digits + 1) * hidden
         return total

@@ -10,6 +10,7 @@ import math
 import torch
 from torch import nn
 
+from tetra.model.abacus import AbacusEmbedding, digit_positions
 from tetra.model.config import ModelConfig
 from tetra.model.kv_cache import KVCache
 from tetra.model.layers import Block, RotaryEmbedding, make_norm
@@ -72,11 +73,10 @@ class Transformer(nn.Module):
         self.config = config.validate()
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.pos_embed = None
-        self.rotary = None
+        self.rotary = RotaryEmbedding(config) if config.uses_rotary else None
+        self.abacus = AbacusEmbedding(config) if config.positions.startswith("abacus") else None
         if config.positions == "learned":
             self.pos_embed = nn.Embedding(config.max_position_embeddings + config.position_offset, config.hidden_size)
-        else:
-            self.rotary = RotaryEmbedding(config)
         self.embed_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, index) for index in range(config.n_layers))
         self.norm = make_norm(config)
@@ -126,11 +126,11 @@ class Transformer(nn.Module):
                 raise ValueError("a 4-D attention_mask needs explicit position_ids")
             position_ids = positions_for(batch, length, cache_start, attention_mask, device)
         x = self.embed(input_ids)
-        rotary = None
         if self.pos_embed is not None:
             x = x + self.pos_embed(position_ids + self.config.position_offset)
-        else:
-            rotary = self.rotary(position_ids, x.dtype)
+        rotary = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
+        if self.abacus is not None:
+            x = x + self._abacus_embedding(input_ids, kv_cache, cache_start, document_ids)
         x = self.embed_dropout(x)
         if document_ids is not None:
             mask = packed_attention_mask(document_ids, self.config.sliding_window)
@@ -141,6 +141,15 @@ class Transformer(nn.Module):
         for block in self.blocks:
             x = block(x, rotary, mask, kv_cache, cache_start)
         return self.norm(x)
+
+    def _abacus_embedding(self, input_ids: torch.Tensor, kv_cache: KVCache | None, cache_start: int,
+                          document_ids: torch.Tensor | None) -> torch.Tensor:
+        """Digit places of the new tokens, continuing the runs the cache ended on."""
+        previous = getattr(kv_cache, "digit_run", None) if kv_cache is not None and cache_start > 0 else None
+        positions = digit_positions(input_ids, self.abacus.digit_ids(input_ids.device), previous, document_ids)
+        if kv_cache is not None:
+            kv_cache.digit_run = positions[:, -1]
+        return self.abacus(positions)
 
     def forward(
         self,

@@ -76,6 +76,8 @@ def parallelize(model: Transformer, grid: ProcessGrid, overlap: bool = True,
     model.embed = VocabParallelEmbedding(model.embed, grid)
     if model.pos_embed is not None:
         model.pos_embed = ColumnSplitEmbedding(model.pos_embed, grid)
+    if model.abacus is not None:  # digit places: every row on every rank, the hidden size over columns
+        model.abacus.table = ColumnSplitEmbedding(model.abacus.table, grid)
     for block in model.blocks:
         block.attn_norm = ParallelNorm(block.attn_norm, grid, width)
         block.mlp_norm = ParallelNorm(block.mlp_norm, grid, width)

@@ -15,6 +15,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from tetra.config import RunConfig
+from tetra.data.arithmetic import digit_token_ids
 from tetra.data.gguf_tokenizer import load_tokenizer
 from tetra.data.shards import PreparedData
 from tetra.data.tokenizer import TextTokenizer
@@ -43,7 +44,22 @@ def resolve_model_config(config: RunConfig, explicit_model: dict[str, Any], data
     if not explicit_model.get("vocab_size"):
         values["vocab_size"] = data.vocab_size
     values.update(eos_token_id=tokenizer.eos_id, bos_token_id=tokenizer.bos_id, pad_token_id=tokenizer.pad_id)
+    if str(values.get("positions", "")).startswith("abacus"):
+        _fill_abacus(values, tokenizer, data)
     return ModelConfig.from_dict(values)
+
+
+def _fill_abacus(values: dict[str, Any], tokenizer: TextTokenizer, data: PreparedData) -> None:
+    """Abacus positions take the digits' token ids from the data's tokenizer, and the longest number from the
+    arithmetic data's meta.json, unless [model] sets them."""
+    if not values.get("abacus_digit_ids"):
+        values["abacus_digit_ids"] = digit_token_ids(tokenizer)
+    if not values.get("abacus_max_digits"):
+        longest = data.meta.get("arithmetic", {}).get("longest_number")
+        if not longest:
+            raise ConfigError(f"model.positions = {values['positions']!r} needs model.abacus_max_digits (the longest "
+                              f"number the model reads or writes); {data.folder} does not record one. Set it.")
+        values["abacus_max_digits"] = int(longest)
 
 
 # Keys a checkpoint's own config may legitimately differ in from a [model] table (ids come from the tokenizer,
