@@ -36,6 +36,10 @@ MODELS = {
     "gpt2": dict(family="gpt2", vocab_size=64, hidden_size=32, n_layers=2, n_heads=4, intermediate_size=64,
                  max_position_embeddings=32, norm="layernorm", activation="gelu_tanh", gated_mlp=False,
                  positions="learned", qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True),
+    # Abacus digit places instead of rotary (ids 3..12 are the digits; no training offset, so both sides agree).
+    "abacus": dict(vocab_size=64, hidden_size=32, n_layers=2, n_heads=4, intermediate_size=48,
+                   max_position_embeddings=32, positions="abacus", abacus_digit_ids=list(range(3, 13)),
+                   abacus_max_digits=16, abacus_max_offset=0),
     # Odd sizes: depth shards of 729-value blocks need zero padding.
     "odd": dict(vocab_size=63, hidden_size=27, n_layers=1, n_heads=3, intermediate_size=45, max_position_embeddings=32,
                 qkv_bias=True, positions="learned"),

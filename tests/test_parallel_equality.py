@@ -1,9 +1,9 @@
 """4D grids equal one process: loss, every gradient and 5 AdamW steps with global-norm clipping (gloo, CPU, fp32).
 
 Each test spawns one set of processes and checks several grids with a Llama-style model (GQA, no bias) and a
-GPT-2-style one (biases in both layer layouts, LayerNorm, learned positions, tied head), odd sizes (padded depth
-shards), ZeRO-1 (optimizer state sharded over data), the goldfish loss, and weights stored [in, out] (the other GEMM
-layout).
+GPT-2-style one (biases in both layer layouts, LayerNorm, learned positions, tied head), abacus digit places, odd
+sizes (padded depth shards), ZeRO-1 (optimizer state sharded over data), the goldfish loss, and weights stored
+[in, out] (the other GEMM layout).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def _assert_equal(results: list[dict]) -> None:
 def test_two_rank_grids():
     grids = [dict(data=2), dict(depth=2), dict(row=2), dict(col=2)]
     extra = [("odd", dict(depth=2)), ("gpt2", dict(data=2), True), ("odd", dict(data=2), True),
-             ("odd", dict(depth=2), False, 0, "in_out"), ("gpt2", dict(row=2), False, 0, "in_out")]
+             ("odd", dict(depth=2), False, 0, "in_out"), ("gpt2", dict(row=2), False, 0, "in_out"),
+             ("abacus", dict(col=2)), ("abacus", dict(depth=2))]
     _assert_equal(_run(2, grids, extra_cases=extra))
 
 
