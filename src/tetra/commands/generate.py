@@ -15,6 +15,7 @@ from tetra.data.bpe_dropout import DropoutBPE
 from tetra.data.refusal import refusal_table
 from tetra.errors import ConfigError
 from tetra.infer.prompt_filter import PerplexityFilter
+from tetra.infer.recurrence import recurrence_settings
 from tetra.infer.refusal import decide_refusals
 from tetra.infer.sampling import SamplingConfig
 from tetra.infer.text import generate_text
@@ -48,6 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--retokenize", type=float, default=0.0, metavar="P",
                         help="BPE-dropout: encode prompts skipping each merge with probability P (0.4 is the "
                              "defense's usual value; seeded by --seed)")
+    parser.add_argument("--recurrence", type=int, default=None, metavar="R",
+                        help="recurrent-depth models: core iterations per token (default: the trained mean)")
+    parser.add_argument("--exit-kl", type=float, default=0.0, metavar="KL",
+                        help="recurrent-depth models: stop iterating once successive outputs differ by less than "
+                             "this KL divergence (0 = always run R)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     add_context_arguments(parser)
     parser.set_defaults(handler=run)
@@ -134,9 +140,10 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     encode = _retokenizer(tokenizer, args, dict(zip(prompts, args.prompt, strict=True)))
-    completions = generate_text(model, tokenizer, prompts, args.max_new_tokens, sampling, args.seed, args.stop,
-                                on_text=show if streaming else None, add_special_tokens=not args.chat, encode=encode,
-                                context=context)
+    with recurrence_settings(model, args.recurrence, args.exit_kl) as iterations:
+        completions = generate_text(model, tokenizer, prompts, args.max_new_tokens, sampling, args.seed, args.stop,
+                                    on_text=show if streaming else None, add_special_tokens=not args.chat,
+                                    encode=encode, context=context)
     seconds = time.perf_counter() - start
     tokens = sum(len(c.token_ids) for c in completions)
     if args.json:
@@ -148,8 +155,10 @@ def run(args: argparse.Namespace) -> int:
                               "refuse_probabilities": decision.refuse_probabilities}
         rows += [{"prompt": prompt, "text": "", "tokens": 0, "finish_reason": "flagged", "flagged": flagged[i]}
                  for i, prompt in enumerate(original) if i in flagged]
-        print_json({"completions": rows,
-                    "seconds": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 2)})
+        report = {"completions": rows, "seconds": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 2)}
+        if iterations:  # a recurrent-depth model: core iterations per forward call (prefill, then one per token)
+            report["recurrence"] = {"iterations": iterations, "mean": round(sum(iterations) / len(iterations), 3)}
+        print_json(report)
         return 0
     if streaming:
         sys.stdout.write(("" if echoed else args.prompt[0]) + "\n")

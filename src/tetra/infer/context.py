@@ -39,7 +39,7 @@ class ContextOptions:
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     """Bytes one position of one sequence takes in a dense cache: keys and values of every layer."""
     element = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.n_layers * config.kv_heads * config.resolved_head_dim * element
+    return 2 * config.cache_layers * config.kv_heads * config.resolved_head_dim * element
 
 
 def free_bytes(device: torch.device | str) -> int:
@@ -69,7 +69,7 @@ def check_cache_fits(config: ModelConfig, batch: int, length: int, dtype: torch.
     if needed > USABLE_SHARE * available:
         raise ConfigError(
             f"A context of {length} tokens x {batch} sequence(s) needs {needed / GIB:.2f} GiB of KV cache on {device} "
-            f"({per_token} bytes per token: {config.n_layers} layers x {config.kv_heads} KV heads x "
+            f"({per_token} bytes per token: {config.cache_layers} layers x {config.kv_heads} KV heads x "
             f"{config.resolved_head_dim} dims, keys and values), but only {available / GIB:.2f} GiB is free. Use "
             "--kv-dtype bf16 (half of fp32), --kv-device cpu, --attention topk-index (the prefix in CPU memory), "
             "fewer prompts at once, or a shorter prompt.")

@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 
+from tetra.errors import ConfigError
 from tetra.infer.attention.factory import make_cache
 from tetra.infer.context import ContextOptions, check_cache_fits
 from tetra.infer.logprobs import TokenLogprob, logprobs_of, prompt_logprobs, right_pad
@@ -88,6 +89,10 @@ class Engine:
 
     def __init__(self, model: Transformer, max_batch_size: int = 8, max_length: int | None = None,
                  continuous: bool = True, context: ContextOptions | None = None) -> None:
+        if model.config.positions.startswith("abacus"):
+            raise ConfigError("Abacus models number digits across decode steps, which the batching engine's "
+                              "per-step cache views do not carry yet; sample them with `tetra generate` or "
+                              "`tetra eval arithmetic`.")
         self.model = model.eval()
         self.device = model.embed.weight.device
         self.max_length = max_length or model.config.max_position_embeddings

@@ -20,7 +20,7 @@ class SlotCache:
         self.config, self.slots, self.max_length = config, slots, max_length
         self.dtype, self.device = dtype, device
         length = min(initial_length, max_length)
-        shape = (config.n_layers, slots, config.kv_heads, length, config.resolved_head_dim)
+        shape = (config.cache_layers, slots, config.kv_heads, length, config.resolved_head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
 

@@ -62,10 +62,26 @@ class ModelConfig:
     abacus_digit_ids: list[int] = field(default_factory=list)  # abacus: the token ids of 0..9, single-digit tokens
     abacus_max_digits: int = 0  # abacus: the longest number the table covers without the training offset
     abacus_max_offset: int = 99  # abacus: training adds k ~ U{0..this} to every digit place
+    recurrent_prelude: int = 0  # recurrent depth: blocks before the iterated core (0 with core 0 = off)
+    recurrent_core: int = 0  # recurrent depth: blocks iterated r times (n_layers = prelude + core + coda)
+    recurrent_coda: int = 0  # recurrent depth: blocks after the core
+    mean_recurrence: int = 32  # recurrent depth: the mean r training samples, and the r evaluation uses by default
+    backprop_depth: int = 8  # recurrent depth: iterations the gradient flows through (the last ones)
+    recurrent_cache_slots: int = 1  # recurrent depth: KV cache slots per core block (iteration i uses i mod slots)
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = RopeScaling(**self.rope_scaling)
+
+    @property
+    def recurrent(self) -> bool:
+        return self.recurrent_core > 0
+
+    @property
+    def cache_layers(self) -> int:
+        """Attention layers a KV cache holds: one per block, and per core block one per cache slot."""
+        return self.n_layers + (self.recurrent_cache_slots - 1) * self.recurrent_core if self.recurrent else \
+            self.n_layers
 
     @property
     def uses_rotary(self) -> bool:
@@ -117,6 +133,19 @@ class ModelConfig:
                 problems.append("abacus positions need model.abacus_max_digits > 0 (the longest number) and "
                                 "model.abacus_max_offset >= 0 (got "
                                 f"{self.abacus_max_digits}, {self.abacus_max_offset})")
+        if self.recurrent:
+            blocks = self.recurrent_prelude + self.recurrent_core + self.recurrent_coda
+            if blocks != self.n_layers or min(self.recurrent_prelude, self.recurrent_coda) < 0:
+                problems.append(f"recurrent depth needs model.n_layers = recurrent_prelude + recurrent_core + "
+                                f"recurrent_coda (got {self.n_layers} vs {blocks})")
+            if self.mean_recurrence < 1 or self.recurrent_cache_slots < 1:
+                problems.append("model.mean_recurrence and model.recurrent_cache_slots must be at least 1 (got "
+                                f"{self.mean_recurrence}, {self.recurrent_cache_slots})")
+            if not 1 <= self.backprop_depth <= max(self.mean_recurrence, 1):
+                problems.append(f"model.backprop_depth = {self.backprop_depth} must be in 1 .. mean_recurrence "
+                                f"({self.mean_recurrence}): training backpropagates through the last "
+                                "backprop_depth iterations of r ~ mean_recurrence. Lower it, or raise "
+                                "mean_recurrence.")
         if self.uses_rotary and self.n_heads > 0 and self.resolved_head_dim % 2:
             problems.append(f"rotary positions need an even head width (got {self.resolved_head_dim})")
         if not 0.0 <= self.dropout < 1.0:
@@ -155,6 +184,8 @@ class ModelConfig:
         mlp = mlp_matrices * hidden * self.mlp_width + self.mlp_bias * (self.mlp_width * (mlp_matrices - 1) + hidden)
         norm_size = hidden * (2 if self.norm == "layernorm" else 1)
         total = self.n_layers * (attention + mlp + 2 * norm_size) + norm_size
+        if self.recurrent:  # sandwich blocks' two extra norms, and the adapter's two matrices
+            total += self.n_layers * 2 * norm_size + 2 * hidden * hidden
         if include_embeddings:
             total += self.vocab_size * hidden * (1 if self.tie_embeddings else 2)
             if self.positions == "learned":

@@ -48,7 +48,7 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, batch_size: int, max_length: int, dtype: torch.dtype,
                  device: torch.device | str) -> None:
-        shape = (config.n_layers, batch_size, config.kv_heads, max_length, config.resolved_head_dim)
+        shape = (config.cache_layers, batch_size, config.kv_heads, max_length, config.resolved_head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.max_length = max_length

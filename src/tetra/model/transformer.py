@@ -14,6 +14,7 @@ from tetra.model.abacus import AbacusEmbedding, digit_positions
 from tetra.model.config import ModelConfig
 from tetra.model.kv_cache import KVCache
 from tetra.model.layers import Block, RotaryEmbedding, make_norm
+from tetra.model.recurrent import RecurrentDepth, SandwichBlock, run_recurrent
 
 
 def attention_mask_for(
@@ -78,7 +79,9 @@ class Transformer(nn.Module):
         if config.positions == "learned":
             self.pos_embed = nn.Embedding(config.max_position_embeddings + config.position_offset, config.hidden_size)
         self.embed_dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, index) for index in range(config.n_layers))
+        block = SandwichBlock if config.recurrent else Block
+        self.blocks = nn.ModuleList(block(config, index) for index in range(config.n_layers))
+        self.recurrence = RecurrentDepth(config) if config.recurrent else None
         self.norm = make_norm(config)
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -108,6 +111,9 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
         cache_start: int = 0,
         document_ids: torch.Tensor | None = None,
+        recurrence: int | None = None,
+        exit_kl: float = 0.0,
+        stats: dict | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states [B, T, hidden].
 
@@ -138,8 +144,14 @@ class Transformer(nn.Module):
             mask = attention_mask
         else:
             mask = attention_mask_for(length, cache_start, attention_mask, self.config.sliding_window, device)
-        for block in self.blocks:
-            x = block(x, rotary, mask, kv_cache, cache_start)
+        if self.recurrence is not None:  # recurrent depth: r iterations of the core (model/recurrent.py)
+            readout = (lambda hidden: self.head(self.norm(hidden))) if exit_kl > 0 else None
+            x = run_recurrent(self.blocks, self.recurrence, x, rotary, mask, kv_cache, cache_start,
+                              recurrence or self.config.mean_recurrence, self.config.backprop_depth, exit_kl,
+                              readout, stats)
+        else:
+            for block in self.blocks:
+                x = block(x, rotary, mask, kv_cache, cache_start)
         return self.norm(x)
 
     def _abacus_embedding(self, input_ids: torch.Tensor, kv_cache: KVCache | None, cache_start: int,
@@ -161,10 +173,17 @@ class Transformer(nn.Module):
         last_only: bool = False,
         document_ids: torch.Tensor | None = None,
         hidden_only: bool = False,
+        recurrence: int | None = None,
+        exit_kl: float = 0.0,
+        stats: dict | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] (or [B, 1, vocab] with last_only, which is all sampling needs); hidden_only returns
-        the final-norm hidden states instead, for a loss that applies the head itself (chunk by chunk)."""
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache, cache_start, document_ids)
+        the final-norm hidden states instead, for a loss that applies the head itself (chunk by chunk).
+        A recurrent-depth model iterates its core `recurrence` times (default: the mean it was trained for), or
+        stops once successive iterations' output distributions differ by less than exit_kl (stats["steps"]
+        receives the iterations run)."""
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache, cache_start, document_ids,
+                                    recurrence, exit_kl, stats)
         if last_only:
             hidden = hidden[:, -1:]
         return hidden if hidden_only else self.head(hidden)
