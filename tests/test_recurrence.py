@@ -132,9 +132,9 @@ def test_bad_settings_are_named():
         ModelConfig(**{**SHAPE, "backprop_depth": 9}).validate()
     with pytest.raises(ConfigError, match="n_layers = recurrent_prelude"):
         ModelConfig(**{**SHAPE, "n_layers": 5}).validate()
-    with pytest.raises(ConfigError, match="recurrent-depth models"):
-        with recurrence_settings(Transformer(ModelConfig(vocab_size=40, hidden_size=32, n_heads=4)), 4):
-            pass
+    plain = Transformer(ModelConfig(vocab_size=40, hidden_size=32, n_heads=4))
+    with pytest.raises(ConfigError, match="recurrent-depth models"), recurrence_settings(plain, 4):
+        pass
 
 
 def test_training_resumes_exactly_and_generation_takes_any_r(prepared_data, tmp_path, capsys):
