@@ -159,3 +159,18 @@ def test_training_resumes_exactly_and_generation_takes_any_r(prepared_data, tmp_
                  "--exit-kl", "1e9", "--json"]) == 0
     assert set(json.loads(capsys.readouterr().out)["recurrence"]["iterations"]) == {2}
     assert main(["generate", str(checkpoint), "--prompt", "def", "--recurrence", "0"]) == 2
+
+
+def test_recurrent_depth_on_grids_equals_one_process():
+    """Sandwich norms, the adapter and truncated backprop split over row, col, depth and data (two ranks), and
+    row x col, depth x col (four): loss, gradients, global norm and parameters after 4 steps at r = 3, 5, 1, 4."""
+    from recurrence_grid_worker import check_recurrence_grids
+    from tetra.parallel.launch import spawn_collect
+
+    results = spawn_collect(check_recurrence_grids, 2, [dict(row=2), dict(col=2), dict(depth=2), dict(data=2)])
+    results += spawn_collect(check_recurrence_grids, 4, [dict(row=2, col=2), dict(depth=2, col=2)])
+    assert [r["random_state"] for r in results] == [True, True, False, False, True, False]
+    for result in results:
+        assert result["grad_names_match"], result["grid"]
+        for key in ("loss_error", "grad_error", "norm_error", "param_error"):
+            assert result[key] <= 1e-5, f"{result['grid']}: {key} = {result[key]:.2e}"

@@ -56,13 +56,17 @@ class RecurrentDepth(nn.Module):
         self.state = nn.Linear(hidden, hidden, bias=False)  # adapter columns that see the state ...
         self.inject = nn.Linear(hidden, hidden, bias=False)  # ... and those that see the prelude's output
         self.state_std, self.state_scale = math.sqrt(2 / (5 * hidden)), math.sqrt(hidden)
+        # A grid-split model holds a column slice of the state (parallelize sets these): the state is drawn whole
+        # and cut, so every rank of a row group draws the same values and the columns stay independent.
+        self.width_parts, self.width_index = 1, 0
 
     def initial_state(self, like: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return torch.zeros_like(like)
-        state = torch.empty_like(like)
+        state = torch.empty((*like.shape[:-1], like.shape[-1] * self.width_parts), dtype=like.dtype,
+                            device=like.device)
         nn.init.trunc_normal_(state, std=self.state_std, a=-3 * self.state_std, b=3 * self.state_std)
-        return state * self.state_scale
+        return state.chunk(self.width_parts, -1)[self.width_index] * self.state_scale
 
 
 class _CacheSlot:

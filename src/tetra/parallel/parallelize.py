@@ -16,6 +16,7 @@ from torch import nn
 from tetra.data.batch import IGNORE_INDEX, Batch, as_batch
 from tetra.model import Transformer
 from tetra.parallel.collectives import all_reduce
+from tetra.parallel.column_linear import ColumnGatheredLinear
 from tetra.parallel.gemm_layout import OUT_IN, Shape
 from tetra.parallel.grid import ProcessGrid, check_grid
 from tetra.parallel.layout import unshard
@@ -81,6 +82,13 @@ def parallelize(model: Transformer, grid: ProcessGrid, overlap: bool = True,
     for block in model.blocks:
         block.attn_norm = ParallelNorm(block.attn_norm, grid, width)
         block.mlp_norm = ParallelNorm(block.mlp_norm, grid, width)
+        if hasattr(block, "attn_post_norm"):  # a recurrent-depth model's sandwich blocks
+            block.attn_post_norm = ParallelNorm(block.attn_post_norm, grid, width)
+            block.mlp_post_norm = ParallelNorm(block.mlp_post_norm, grid, width)
+    if model.recurrence is not None:  # the adapter maps the column-split state to itself
+        model.recurrence.state = ColumnGatheredLinear(model.recurrence.state, grid)
+        model.recurrence.inject = ColumnGatheredLinear(model.recurrence.inject, grid)
+        model.recurrence.width_parts, model.recurrence.width_index = grid.size("col"), grid.index("col")
     model.norm = ParallelNorm(model.norm, grid, width)
     if model.config.tie_embeddings:
         model.head = TiedHead(model.embed, grid)

@@ -11,14 +11,15 @@ import torch
 from torch import nn
 
 from tetra.config import TrainConfig
+from tetra.parallel.column_linear import ColumnGatheredLinear
 from tetra.parallel.grid import ProcessGrid
 from tetra.parallel.tensor_parallel import TensorParallelLinear
 from tetra.parallel.tensor_parallel_lora import LoRAFactor
 from tetra.parallel.zero import ZeroOptimizer
 
 # Modules whose weight is a matrix to decay: plain and tensor-parallel (its shard is flat, but still a matrix), and
-# a grid-split LoRA factor (an nn.Linear in one process).
-LINEAR_TYPES = (nn.Linear, TensorParallelLinear, LoRAFactor)
+# a grid-split LoRA factor or recurrent-depth adapter (each an nn.Linear in one process).
+LINEAR_TYPES = (nn.Linear, TensorParallelLinear, LoRAFactor, ColumnGatheredLinear)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
