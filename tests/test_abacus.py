@@ -159,3 +159,5 @@ def test_data_train_and_eval_from_the_command_line(tmp_path, capsys):
     assert (tmp_path / "heat.png").stat().st_size > 1000
     cells = json.loads((tmp_path / "heat.json").read_text())["cells"]
     assert len(cells) == 16 and all(cell["total"] == 2 for cell in cells)
+    assert main(["convert", "to-hf", str(checkpoint), str(tmp_path / "hf")]) == 2
+    assert "no Hugging Face architecture" in capsys.readouterr().err and not (tmp_path / "hf").exists()
