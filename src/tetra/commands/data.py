@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tetra.commands.arithmetic import register_data as register_arithmetic_data
 from tetra.commands.common import print_json
+from tetra.commands.reasoning import register_data as register_reachability_data
 from tetra.data.chat import FORMATS, TRAIN_ON
 from tetra.data.inspect import inspect_records
 from tetra.data.prepare import prepare_data
@@ -39,7 +40,8 @@ INSPECT_EXAMPLES = """examples:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("data", help="prepare and inspect training data")
-    actions = parser.add_subparsers(dest="action", required=True, metavar="{prepare,inspect,generate,arithmetic}")
+    actions = parser.add_subparsers(dest="action", required=True,
+                                    metavar="{prepare,inspect,generate,arithmetic,reachability}")
     prepare = actions.add_parser("prepare", help="tokenize documents or conversations into token shards",
                                  epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     prepare.add_argument("source", help="file, folder, glob (.txt, .jsonl, .parquet, ...) or 'stdlib'")
@@ -92,6 +94,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("--seed", type=int, default=0)
     generate.set_defaults(handler=run_generate)
     register_arithmetic_data(actions)
+    register_reachability_data(actions)
 
 
 def run(args: argparse.Namespace) -> int:

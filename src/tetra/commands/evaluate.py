@@ -15,6 +15,7 @@ from pathlib import Path
 from tetra.commands.arithmetic import register_eval as register_arithmetic_eval
 from tetra.commands.common import add_model_arguments, load_model_and_tokenizer, print_json
 from tetra.commands.evaluate_longctx import register_longctx
+from tetra.commands.reasoning import register_eval as register_reachability_eval
 from tetra.errors import ConfigError
 
 EXAMPLES = """examples:
@@ -61,6 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     perplexity.set_defaults(handler=run_perplexity)
     register_longctx(verbs)
     register_arithmetic_eval(verbs)
+    register_reachability_eval(verbs)
     winrate = verbs.add_parser("winrate", help="length-controlled win rate of one model's answers over another's",
                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     winrate.add_argument("--model-outputs", required=True, help='JSON lines of {"instruction", "output"}')

@@ -12,6 +12,7 @@ Entry points: character_tokenizer(), ArithmeticTask, digit_token_ids(tokenizer),
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,19 +26,20 @@ from tetra.errors import DataError
 from tetra.files import atomic_directory, write_json
 
 OPERATIONS = ("add", "mul", "sort")
-SYMBOLS = "0123456789+*=,:"
+SYMBOLS = "0123456789+*=,:>?"
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 TASK_KEY = "tetra_arithmetic"  # in tokenizer_config.json
 
 
-def character_tokenizer(task: ArithmeticTask | None = None) -> TextTokenizer:
-    """One token per character of the task's alphabet; <pad> is id 0 and no digit."""
+def character_tokenizer(task: Any = None, key: str = TASK_KEY) -> TextTokenizer:
+    """One token per character of the tasks' alphabet; <pad> is id 0 and no digit. The task (a dataclass) is
+    recorded under `key` in tokenizer_config.json."""
     vocab = {token: index for index, token in enumerate([PAD, EOS, UNK, *SYMBOLS])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens([PAD, EOS, UNK])  # skipped when decoding answers
-    extra = {TASK_KEY: asdict(task)} if task is not None else {}
+    extra = {key: asdict(task)} if task is not None else {}
     return TextTokenizer(backend, eos_token=EOS, pad_token=PAD, extra_config=extra)
 
 
@@ -112,20 +114,35 @@ def write_arithmetic_data(out: str | Path, task: ArithmeticTask, max_digits: int
     task.check()
     if not 1 <= min_digits <= max_digits:
         raise DataError(f"--min-digits and --max-digits must satisfy 1 <= min <= max (got {min_digits}, {max_digits})")
+    rng = random.Random(seed)
+
+    def problems() -> Iterator[tuple[str, str]]:
+        for _ in range(examples):
+            lengths = tuple(rng.randint(min_digits, max_digits) for _ in range(task.operand_count()))
+            operands = sample_operands(task, lengths, rng)
+            yield task.prompt(operands), task.answer(operands)
+
+    settings = {**asdict(task), "min_digits": min_digits, "max_digits": max_digits, "seed": seed,
+                "longest_number": task.longest_number(max_digits)}
+    return write_problem_data(out, character_tokenizer(task), problems(), examples, f"arithmetic:{task.op}",
+                              {"arithmetic": settings}, val_fraction, overwrite)
+
+
+def write_problem_data(out: str | Path, tokenizer: TextTokenizer, problems: Iterable[tuple[str, str]], examples: int,
+                       source: str, settings: dict[str, Any], val_fraction: float = 0.01,
+                       overwrite: bool = False) -> dict[str, Any]:
+    """(prompt, answer) problems as prepared data: the answer and the end token trained, the prompt not; every
+    1 / val_fraction-th problem held out."""
     if examples <= 0 or not 0 <= val_fraction < 1:
         raise DataError(f"--examples must be positive and --val-fraction in [0, 1) (got {examples}, {val_fraction})")
-    tokenizer = character_tokenizer(task)
-    rng = random.Random(seed)
     dtype = token_dtype(tokenizer.vocab_size)
     validation_every = round(1 / val_fraction) if val_fraction else 0
     with atomic_directory(out, overwrite) as staging:
         writers = {split: ShardWriter(staging, split, dtype, 2**27, with_mask=True) for split in ("train", "val")}
         trained_tokens = 0
-        for index in range(examples):
-            lengths = tuple(rng.randint(min_digits, max_digits) for _ in range(task.operand_count()))
-            operands = sample_operands(task, lengths, rng)
-            prompt = tokenizer.encode(task.prompt(operands), add_special_tokens=False)
-            answer = tokenizer.encode(task.answer(operands), add_special_tokens=False) + [tokenizer.eos_id]
+        for index, (prompt_text, answer_text) in enumerate(problems):
+            prompt = tokenizer.encode(prompt_text, add_special_tokens=False)
+            answer = tokenizer.encode(answer_text, add_special_tokens=False) + [tokenizer.eos_id]
             tokens = np.array(prompt + answer, dtype=dtype)
             mask = np.array([0] * len(prompt) + [1] * len(answer), dtype=np.uint8)
             split = "val" if validation_every and index % validation_every == validation_every - 1 else "train"
@@ -133,12 +150,10 @@ def write_arithmetic_data(out: str | Path, task: ArithmeticTask, max_digits: int
             trained_tokens += len(answer)
         splits = {split: writer.finish() for split, writer in writers.items()}
         tokenizer.save(staging / "tokenizer")
-        meta = {"format_version": FORMAT_VERSION, "source": f"arithmetic:{task.op}", "dtype": dtype.name,
+        meta = {"format_version": FORMAT_VERSION, "source": source, "dtype": dtype.name,
                 "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
                 "tokenizer_fingerprint": tokenizer.fingerprint(), "val_fraction": val_fraction,
-                "documents": examples, "splits": splits, "format": "arithmetic", "loss_mask": True,
-                "pad_id": tokenizer.pad_id, "train_on": "answer", "arithmetic": {
-                    **asdict(task), "min_digits": min_digits, "max_digits": max_digits, "seed": seed,
-                    "longest_number": task.longest_number(max_digits), "trained_tokens": trained_tokens}}
+                "documents": examples, "splits": splits, "format": source.split(":")[0], "loss_mask": True,
+                "pad_id": tokenizer.pad_id, "train_on": "answer", "trained_tokens": trained_tokens, **settings}
         write_json(staging / META, meta)
     return meta
