@@ -92,3 +92,12 @@ def test_length_generalization_smoke(tmp_path):
     assert len(results["accuracy"]["abacus"]) == 15  # 1 .. 5D digits with D = 3
     assert (tmp_path / "length_generalization.png").stat().st_size > 1000
     assert "| 15 |" in (tmp_path / "table.md").read_text()
+
+
+def test_test_time_compute_smoke(tmp_path):
+    experiment = _load("test_time_compute")
+    assert experiment.main(["--smoke", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {"r = 1", "r = 8", "plain, equal parameters", "plain, equal training FLOPs"} <= set(results["accuracy"])
+    assert results["adaptive_iterations"] <= 8 and results["flop_ratio"] > 1
+    assert (tmp_path / "test_time_compute.png").stat().st_size > 1000

@@ -10,7 +10,7 @@ h x h matrices (one for the state, one for the injected input), the same map as 
 
 Training picks r per forward (train/recurrence.py samples it) and backpropagates through the last
 `backprop_depth` iterations only. Inference takes any r, or stops once the output distribution of successive
-iterations moves less than `exit_kl` (KL divergence, every row and position of the batch).
+iterations moves less than `exit_kl` (KL divergence at the last position, for every row of the batch).
 
 KV cache: the core has `recurrent_cache_slots` slots; iteration i writes and reads slot i mod slots. With at least
 r slots, cached decoding equals a full recompute; with fewer (default 1) the cache does not grow with r, and a token
@@ -84,8 +84,9 @@ def _slot(cache, offset: int):
 
 
 def _kl(previous: torch.Tensor, current: torch.Tensor) -> float:
-    """Largest KL(current || previous) over every row and position (logits [..., vocab])."""
-    log_now, log_before = F.log_softmax(current.float(), -1), F.log_softmax(previous.float(), -1)
+    """Largest KL(current || previous) over the rows, at the last position (the one the next token is sampled
+    from) of logits [B, T, vocab]."""
+    log_now, log_before = F.log_softmax(current[:, -1].float(), -1), F.log_softmax(previous[:, -1].float(), -1)
     return float((log_now.exp() * (log_now - log_before)).sum(-1).max())
 
 
