@@ -8,13 +8,10 @@ Entry point: check_lora_grids(rank, world, port, cases, out_path), started by to
 from __future__ import annotations
 
 import copy
-import json
-import os
 
 import torch
-import torch.distributed as dist
 
-from parallel_worker import GLOBAL_BATCH, MAX_NORM, MODELS, SEQ, STEPS, _max_error
+from parallel_worker import GLOBAL_BATCH, MAX_NORM, MODELS, SEQ, STEPS, _max_error, run_cases
 from tetra.adapters.lora import LoRAConfig, apply_lora
 from tetra.model import ModelConfig, Transformer
 from tetra.parallel.collectives import all_reduce
@@ -110,14 +107,6 @@ def _full_grads(model: torch.nn.Module, grid: ProcessGrid) -> dict[str, torch.Te
 
 
 def check_lora_grids(rank: int, world: int, port: int, cases: list, out_path: str) -> None:
-    """Every case on this rank; rank 0 writes the results as JSON (read back by spawn_collect)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        results = [_check(model_name, GridShape(**shape), *extra) for model_name, shape, *extra in cases]
-        if rank == 0:
-            with open(out_path, "w") as handle:
-                json.dump(results, handle)
-    finally:
-        dist.destroy_process_group()
+    """Every (model, grid, layout, neftune) case against one process."""
+    run_cases(lambda model_name, shape, *extra: _check(model_name, GridShape(**shape), *extra), rank, world, port,
+              cases, out_path)

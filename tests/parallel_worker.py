@@ -143,15 +143,22 @@ def _check(model_name: str, shape: GridShape, zero1: bool = False, goldfish_k: i
     return result
 
 
-def check_grids(rank: int, world: int, port: int, cases: list, out_path: str) -> None:
-    """Every case on this rank; rank 0 writes the results as JSON (read back by spawn_collect)."""
+def run_cases(check, rank: int, world: int, port: int, cases: list, out_path: str) -> None:
+    """check(*case) for every case on this rank of a gloo group; rank 0 writes the results as JSON (read back by
+    spawn_collect). Each worker's entry point passes its own check."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        results = [_check(model_name, GridShape(**shape), *extra) for model_name, shape, *extra in cases]
+        results = [check(*case) for case in cases]
         if rank == 0:
             with open(out_path, "w") as handle:
                 json.dump(results, handle)
     finally:
         dist.destroy_process_group()
+
+
+def check_grids(rank: int, world: int, port: int, cases: list, out_path: str) -> None:
+    """Every (model, grid, extras...) case against one process."""
+    run_cases(lambda model_name, shape, *extra: _check(model_name, GridShape(**shape), *extra), rank, world, port,
+              cases, out_path)

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
-import os
 
 import torch
-import torch.distributed as dist
 
 from lora_grid_worker import _full_grads
-from parallel_worker import GLOBAL_BATCH, MAX_NORM, SEQ, _max_error
+from parallel_worker import GLOBAL_BATCH, MAX_NORM, SEQ, _max_error, run_cases
 from tetra.model import ModelConfig, Transformer
 from tetra.parallel.collectives import all_reduce
 from tetra.parallel.grid import GridShape, ProcessGrid
@@ -83,13 +80,5 @@ def _check(shape: GridShape) -> dict:
 
 
 def check_recurrence_grids(rank: int, world: int, port: int, cases: list, out_path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        results = [_check(GridShape(**shape)) for shape in cases]
-        if rank == 0:
-            with open(out_path, "w") as handle:
-                json.dump(results, handle)
-    finally:
-        dist.destroy_process_group()
+    """Every grid case against one process."""
+    run_cases(lambda shape: _check(GridShape(**shape)), rank, world, port, [(shape,) for shape in cases], out_path)
