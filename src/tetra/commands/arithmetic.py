@@ -72,6 +72,8 @@ def register_eval(verbs: argparse._SubParsersAction) -> None:
     parser.add_argument("--reverse", action=argparse.BooleanOptionalAction, default=None,
                         help="override the digit order the tokenizer records")
     parser.add_argument("--seed", type=int, default=1234, help="the problems are a function of the seed")
+    parser.add_argument("--recurrence", type=int, default=None, help="recurrent-depth models: core iterations")
+    parser.add_argument("--exit-kl", type=float, default=0.0, help="recurrent-depth models: adaptive exit")
     parser.add_argument("--out", help="PNG path for the heatmap (and a .json beside it)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(handler=run_eval)
@@ -86,6 +88,7 @@ def run_eval(args: argparse.Namespace) -> int:
         plot_accuracy,
         task_of,
     )
+    from tetra.infer.recurrence import recurrence_settings
 
     lengths = parse_digit_range(args.digits, args.stride)
     if args.samples < 1:
@@ -94,8 +97,9 @@ def run_eval(args: argparse.Namespace) -> int:
     task = task_of(tokenizer) if args.op is None else ArithmeticTask(args.op)
     if args.reverse is not None:
         task.reverse = args.reverse
-    result = evaluate_arithmetic(model, tokenizer, task, lengths, args.samples, args.seed, args.pairs,
-                                 args.batch_size)
+    with recurrence_settings(model, args.recurrence, args.exit_kl):
+        result = evaluate_arithmetic(model, tokenizer, task, lengths, args.samples, args.seed, args.pairs,
+                                     args.batch_size)
     if args.out:
         out = Path(args.out)
         plot_accuracy(result, out)
