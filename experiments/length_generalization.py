@@ -32,6 +32,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--samples", type=int, default=30, help="test problems per operand length")
+    parser.add_argument("--max-offset", type=int, default=None,
+                        help="abacus: the training offset's range (default 4D, so the test lengths' places are "
+                             "trained; the paper's 99 suits its 20-digit, day-long training)")
+    parser.add_argument("--positions", default=",".join(POSITIONS),
+                        help="which schemes to (re)train; the others' results are kept from results.json")
     parser.add_argument("--out", default="experiments/out/length_generalization")
     parser.add_argument("--smoke", action="store_true", help="a few steps, to check the script runs")
     return parser.parse_args(argv)
@@ -50,6 +55,7 @@ n_layers = {args.layers}
 n_heads = 4
 positions = "{positions}"
 max_position_embeddings = {8 * seq}
+abacus_max_offset = {args.max_offset if args.max_offset is not None else 4 * args.digits}
 [train]
 max_steps = {args.steps}
 batch_size = {args.batch}
@@ -99,11 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     examples = max(1000, args.steps * args.batch * 16 // 2)
     if tetra(["data", "arithmetic", "--op", "add", "--max-digits", str(args.digits), "--examples", str(examples),
-              "--out", str(out / "data"), "--overwrite", "--val-fraction", "0"]) != 0:
-        raise SystemExit("could not write the addition data")
+              "--out", str(out / "data"), "--overwrite", "--val-fraction", "0", "--seed", "0"]) != 0:
+        raise SystemExit("could not write the addition data")  # the same data every time (seeded)
     lengths = list(range(1, 5 * args.digits + 1))
     results: dict[str, dict[int, float]] = {}
-    for positions in POSITIONS:
+    if (out / "results.json").is_file():  # earlier runs of the schemes not retrained now
+        earlier = json.loads((out / "results.json").read_text())["accuracy"]
+        results = {name: {int(k): v for k, v in by_length.items()} for name, by_length in earlier.items()}
+    for positions in args.positions.split(","):
         checkpoint = train(out, positions, args)
         tokenizer = TextTokenizer.load(checkpoint)
         result = evaluate_arithmetic(load_model(checkpoint), tokenizer, task_of(tokenizer), lengths, args.samples,
@@ -116,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     (out / "table.md").write_text(table + "\n", encoding="utf-8")
     (out / "results.json").write_text(json.dumps({"args": vars(args), "accuracy": results}, indent=1))
+    (out / f"args-{'-'.join(args.positions.split(','))}.json").write_text(json.dumps(vars(args), indent=1))
     plot(results, args.digits, out / "length_generalization.png")
     print(f"wrote {out / 'length_generalization.png'}")
     return 0
