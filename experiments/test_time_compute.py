@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--backprop-depth", type=int, default=4)
     parser.add_argument("--width", type=int, default=96)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--nodes", type=int, default=10, help="nodes per graph (at most 10)")
+    parser.add_argument("--edges", type=int, default=12, help="edges per graph")
     parser.add_argument("--max-hops", type=int, default=4, help="the hardest questions in training")
     parser.add_argument("--samples", type=int, default=100, help="test questions per hop count")
     parser.add_argument("--exit-kl", type=float, default=5e-4)
@@ -118,14 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     examples = max(1000, args.steps * args.batch * 2)
-    if tetra(["data", "reachability", "--nodes", "10", "--edges", "12", "--max-hops", str(args.max_hops),
+    if tetra(["data", "reachability", "--nodes", str(args.nodes), "--edges", str(args.edges), "--max-hops",
+              str(args.max_hops),
               "--examples", str(examples), "--out", str(out / "data"), "--overwrite", "--val-fraction", "0"]) != 0:
         raise SystemExit("could not write the reachability data")
     ratio = flop_ratio(args.mean_recurrence, args.backprop_depth)
     checkpoints = {"recurrent": train(out, "recurrent", args.steps, True, args),
                    "plain, equal parameters": train(out, "plain", args.steps, False, args),
                    "plain, equal training FLOPs": train(out, "plain_flops", round(args.steps * ratio), False, args)}
-    hops = list(range(0, args.max_hops + 3))  # two hop counts harder than any in training
+    hops = list(range(0, min(args.max_hops + 3, args.nodes)))  # up to two hop counts harder than in training
     recurrences = [r for r in (1, 2, 4, 8, 16, 32) if r <= 4 * args.mean_recurrence]
     table: dict[str, dict] = {}
     for r in recurrences:
