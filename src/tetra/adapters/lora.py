@@ -139,8 +139,8 @@ def _module_seed(seed: int, name: str) -> int:
 
 
 def _is_adapted(module: nn.Module) -> bool:
-    """A LoRALinear, or its grid-split version (parallel.tensor_parallel_lora), which has the same parameters."""
-    return isinstance(module, LoRALinear) or (hasattr(module, "lora_A") and hasattr(module, "lora_B"))
+    """A LoRALinear, or its grid-split version (parallel.tensor_parallel_lora): both hold lora_A and lora_B."""
+    return hasattr(module, "lora_A") and hasattr(module, "lora_B")
 
 
 def has_lora(model: nn.Module) -> bool:
