@@ -84,6 +84,26 @@ def test_cached_decoding_equals_a_full_recompute(positions):
     assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
 
 
+def test_the_serving_engine_continues_digit_runs_like_generate():
+    """Right-padded prompts prefilled together, then decoded in one batch at per-row positions (with a request
+    joining later): each row's digit places continue from its own prompt, as `generate` gives it alone."""
+    from test_engine import _run
+    from tetra.infer.engine import Engine, GenerationRequest
+    from tetra.infer.generate import generate_ids
+
+    model = _model().eval()
+    with torch.no_grad():  # digits only from here on: rows w and -w for digit pairs, 0 for every other token
+        weight = model.head.weight
+        directions = weight[DIGITS[:5]].clone()
+        weight.zero_()
+        weight[DIGITS[:5]], weight[DIGITS[5:]] = directions, -directions
+    prompts = [_ids(text)[0].tolist() for text in ("98765+43", "1+2=", "55555", "3*")]
+    expected = [generate_ids(model, [prompt], 6) for prompt in prompts]
+    for stagger in (0, 2):
+        sinks = _run(Engine(model, max_batch_size=4), [GenerationRequest(p, 6) for p in prompts], stagger)
+        assert [[sink.tokens] for sink in sinks] == expected, stagger
+
+
 def test_a_number_longer_than_the_table_is_named():
     model = _model(max_offset=0).eval()
     with pytest.raises(ValueError, match="abacus_max_digits"):

@@ -12,7 +12,7 @@ from tetra.cli import main
 from tetra.data.arithmetic import character_tokenizer
 from tetra.data.reachability import TASK_KEY, ReachabilityTask, shortest_hops, write_reachability_data
 from tetra.errors import DataError
-from tetra.eval.reachability import evaluate_reachability
+from tetra.eval.multistep import evaluate_by_hops
 
 
 def test_shortest_hops_on_a_known_graph():
@@ -50,7 +50,7 @@ def test_data_is_deterministic_and_bad_sizes_are_named(tmp_path):
 
 
 def test_the_scorer_is_exact(monkeypatch):
-    from tetra.eval import reachability
+    from tetra.eval import multistep
     from tetra.model import ModelConfig, Transformer
 
     task = ReachabilityTask(8, 10, 3)
@@ -65,11 +65,11 @@ def test_the_scorer_is_exact(monkeypatch):
         return answers
 
     model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, n_layers=1, n_heads=2))
-    monkeypatch.setattr(reachability, "generate_ids", oracle)
-    assert evaluate_reachability(model, tokenizer, task, [0, 1, 2, 5], samples=10) == {0: 1.0, 1: 1.0, 2: 1.0, 5: 1.0}
-    monkeypatch.setattr(reachability, "generate_ids", lambda model, prompts, *a, **k: [
+    monkeypatch.setattr(multistep, "generate_ids", oracle)
+    assert evaluate_by_hops(model, tokenizer, task, [0, 1, 2, 5], samples=10) == {0: 1.0, 1: 1.0, 2: 1.0, 5: 1.0}
+    monkeypatch.setattr(multistep, "generate_ids", lambda model, prompts, *a, **k: [
         tokenizer.encode("1", add_special_tokens=False)] * len(prompts))
-    assert evaluate_reachability(model, tokenizer, task, [0, 2], samples=10) == {0: 0.0, 2: 1.0}
+    assert evaluate_by_hops(model, tokenizer, task, [0, 2], samples=10) == {0: 0.0, 2: 1.0}
 
 
 def test_data_train_and_eval_at_any_recurrence(tmp_path, capsys):

@@ -174,3 +174,37 @@ def test_recurrent_depth_on_grids_equals_one_process():
         assert result["grad_names_match"], result["grid"]
         for key in ("loss_error", "grad_error", "norm_error", "param_error"):
             assert result[key] <= 1e-5, f"{result['grid']}: {key} = {result[key]:.2e}"
+
+
+def test_adaptive_exit_is_per_sequence_and_a_batch_equals_each_row_alone():
+    """Rows of one batch exit at their own iteration; each row's logits, iterations and cached decoding equal the
+    row decoded alone."""
+    model = _model().eval()
+    ids = torch.randint(0, 40, (3, 8), generator=torch.Generator().manual_seed(4))
+    threshold = None
+    with torch.no_grad():
+        for candidate in (1.0, 0.5, 2.0, 0.3, 3.0, 0.1):  # an untrained model moves a lot per iteration
+            stats: dict = {}
+            model(ids, recurrence=16, exit_kl=candidate, stats=stats)
+            if len(set(stats["row_steps"])) > 1:
+                threshold = candidate
+                break
+        assert threshold is not None, "no threshold separated the rows"
+
+        def decode(rows: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+            cache = KVCache(model.config, rows.shape[0], 8, torch.float32, "cpu")
+            stats: dict = {}
+            pieces = [model(rows[:, :5], kv_cache=cache, recurrence=16, exit_kl=threshold, stats=stats)]
+            steps = list(stats["row_steps"])
+            for t in range(5, 8):
+                pieces.append(model(rows[:, t:t + 1], kv_cache=cache, cache_start=t, recurrence=16,
+                                    exit_kl=threshold, stats=stats))
+                steps += stats["row_steps"]
+            return torch.cat(pieces, 1), steps
+
+        together, together_steps = decode(ids)
+        for row in range(3):
+            alone, alone_steps = decode(ids[row:row + 1])
+            assert torch.allclose(together[row:row + 1], alone, atol=1e-5), row
+            assert together_steps[row::3] == alone_steps
+    assert max(together_steps) <= 16

@@ -121,6 +121,7 @@ class TrainConfig:
     seed: int = 0  # initialization and dropout seed
     goldfish: GoldfishConfig = field(default_factory=GoldfishConfig)  # memorization-safe loss (off by default)
     neftune: NEFTuneConfig = field(default_factory=NEFTuneConfig)  # noisy embeddings for fine-tuning (off)
+    progressive_loss: float = 0.0  # looped models: weight alpha of the progressive loss (train/progressive.py)
 
 
 @dataclass
@@ -304,6 +305,11 @@ def validate_run_config(config: RunConfig, explicit_model: dict[str, Any]) -> li
     if config.lora.enabled and not config.init.checkpoint:
         problems.append("[lora] adapts a pretrained model: set init.checkpoint (LoRA checkpoints hold only the "
                         "adapters, so a random base could not be recovered)")
+    if not 0 <= train.progressive_loss <= 1:
+        problems.append(f"train.progressive_loss must be in [0, 1] (got {train.progressive_loss})")
+    if train.progressive_loss > 0 and config.parallel.strategy != "4d":
+        problems.append("train.progressive_loss runs two forward passes per step, which torch's DDP and FSDP2 "
+                        "wrappers do not allow before one backward; use parallel.strategy = \"4d\"")
     if train.neftune.alpha < 0:
         problems.append(f"train.neftune.alpha must be 0 (off) or positive (got {train.neftune.alpha})")
     if config.lora.enabled and (config.parallel.strategy == "fsdp2" or config.parallel.zero1):

@@ -41,7 +41,7 @@ INSPECT_EXAMPLES = """examples:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("data", help="prepare and inspect training data")
     actions = parser.add_subparsers(dest="action", required=True,
-                                    metavar="{prepare,inspect,generate,arithmetic,reachability}")
+                                    metavar="{prepare,inspect,generate,arithmetic,reachability,running-value}")
     prepare = actions.add_parser("prepare", help="tokenize documents or conversations into token shards",
                                  epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     prepare.add_argument("source", help="file, folder, glob (.txt, .jsonl, .parquet, ...) or 'stdlib'")

@@ -31,10 +31,10 @@ PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 TASK_KEY = "tetra_arithmetic"  # in tokenizer_config.json
 
 
-def character_tokenizer(task: Any = None, key: str = TASK_KEY) -> TextTokenizer:
-    """One token per character of the tasks' alphabet; <pad> is id 0 and no digit. The task (a dataclass) is
-    recorded under `key` in tokenizer_config.json."""
-    vocab = {token: index for index, token in enumerate([PAD, EOS, UNK, *SYMBOLS])}
+def character_tokenizer(task: Any = None, key: str = TASK_KEY, symbols: str = SYMBOLS) -> TextTokenizer:
+    """One token per character of the task's alphabet `symbols`; <pad> is id 0 and no digit. The task (a dataclass)
+    is recorded under `key` in tokenizer_config.json."""
+    vocab = {token: index for index, token in enumerate([PAD, EOS, UNK, *symbols])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()

@@ -75,6 +75,10 @@ class ReachabilityTask:
             if shortest_hops(shuffled, source, target) == hops:
                 return shuffled, source, target
 
+    def hop_range(self) -> tuple[int, int]:
+        """The hop counts a test may ask about (0 = unreachable; a path visits each node once)."""
+        return 0, self.nodes - 1
+
     def problem(self, rng: random.Random, hops: int | None = None) -> tuple[str, str, int]:
         """(prompt, answer, hops); hops None draws a balanced question."""
         if hops is None:

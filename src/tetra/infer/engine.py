@@ -17,13 +17,13 @@ from typing import Protocol
 
 import torch
 
-from tetra.errors import ConfigError
 from tetra.infer.attention.factory import make_cache
 from tetra.infer.context import ContextOptions, check_cache_fits
 from tetra.infer.logprobs import TokenLogprob, logprobs_of, prompt_logprobs, right_pad
 from tetra.infer.sampling import SamplingConfig, sample_next
 from tetra.infer.slot_cache import SlotCache, decode_mask
 from tetra.model import KVCache, Transformer
+from tetra.model.abacus import digit_positions
 
 # How long an idle engine thread waits for a request before checking whether it was asked to stop.
 IDLE_WAIT_S = 0.05
@@ -89,10 +89,6 @@ class Engine:
 
     def __init__(self, model: Transformer, max_batch_size: int = 8, max_length: int | None = None,
                  continuous: bool = True, context: ContextOptions | None = None) -> None:
-        if model.config.positions.startswith("abacus"):
-            raise ConfigError("Abacus models number digits across decode steps, which the batching engine's "
-                              "per-step cache views do not carry yet; sample them with `tetra generate` or "
-                              "`tetra eval arithmetic`.")
         self.model = model.eval()
         self.device = model.embed.weight.device
         self.max_length = max_length or model.config.max_position_embeddings
@@ -204,6 +200,9 @@ class Engine:
         view = self.cache.prefill_view([job.slot for job in jobs])
         hidden = self.model(tokens, kv_cache=view, hidden_only=True)
         last = torch.tensor([len(ids) - 1 for ids in prompts], device=self.device)
+        if self.model.abacus is not None:  # the run of digits each prompt ends on, padding left out
+            places = digit_positions(tokens, self.model.abacus.digit_ids(self.device))
+            self.cache.digit_runs[[job.slot for job in jobs]] = places[torch.arange(len(jobs)), last]
         logits = self.model.head(hidden[torch.arange(len(jobs), device=self.device), last]).float()
         for row, job in enumerate(jobs):
             if job.request.score_prompt:

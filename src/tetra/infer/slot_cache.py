@@ -23,6 +23,8 @@ class SlotCache:
         shape = (config.cache_layers, slots, config.kv_heads, length, config.resolved_head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
+        # Abacus models: how many digits each slot's sequence currently ends on, so a number continues across steps.
+        self.digit_runs = torch.zeros(slots, dtype=torch.long, device=device)
 
     @property
     def capacity(self) -> int:
@@ -61,7 +63,8 @@ def _rows(slots: list[int], device: torch.device) -> slice | torch.Tensor:
 
 
 class _SlotView(KVCache):
-    """Writes of a prefill forward pass land in the given slots of the shared tensors."""
+    """Writes of a prefill forward pass land in the given slots of the shared tensors. (Its rows are right-padded,
+    so the engine sets the slots' digit runs from the real prompts afterwards.)"""
 
     def __init__(self, owner: SlotCache, slots: list[int]) -> None:  # noqa: D107 - no allocation, unlike KVCache
         self.owner, self.slots = owner, slots
@@ -89,6 +92,15 @@ class _DecodeView(KVCache):
         self.rows = _rows(slots, device)
         self.slot_index = torch.tensor(slots, device=device)
         self.position_index = torch.tensor(positions, device=device)
+
+    @property
+    def digit_run(self) -> torch.Tensor:
+        """Each row's current run of digits (abacus positions continue it)."""
+        return self.owner.digit_runs[self.slot_index]
+
+    @digit_run.setter
+    def digit_run(self, runs: torch.Tensor) -> None:
+        self.owner.digit_runs[self.slot_index] = runs
 
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor,
                start: int) -> tuple[torch.Tensor, torch.Tensor]:

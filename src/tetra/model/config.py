@@ -68,6 +68,7 @@ class ModelConfig:
     mean_recurrence: int = 32  # recurrent depth: the mean r training samples, and the r evaluation uses by default
     backprop_depth: int = 8  # recurrent depth: iterations the gradient flows through (the last ones)
     recurrent_cache_slots: int = 1  # recurrent depth: KV cache slots per core block (iteration i uses i mod slots)
+    loop: int = 0  # looped transformer: the whole block stack applied this many times, input injected (0 = off)
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
@@ -78,10 +79,21 @@ class ModelConfig:
         return self.recurrent_core > 0
 
     @property
+    def looped(self) -> bool:
+        return self.loop > 0
+
+    @property
+    def iterated(self) -> bool:
+        """Recurrent depth or a looped stack: the number of iterations can change at test time."""
+        return self.recurrent or self.looped
+
+    @property
     def cache_layers(self) -> int:
-        """Attention layers a KV cache holds: one per block, and per core block one per cache slot."""
-        return self.n_layers + (self.recurrent_cache_slots - 1) * self.recurrent_core if self.recurrent else \
-            self.n_layers
+        """Attention layers a KV cache holds: one per block, per core block one per cache slot, and for a looped
+        stack one per block and pass (so cached decoding at the trained loop count is exact)."""
+        if self.recurrent:
+            return self.n_layers + (self.recurrent_cache_slots - 1) * self.recurrent_core
+        return self.n_layers * max(self.loop, 1)
 
     @property
     def uses_rotary(self) -> bool:
@@ -146,6 +158,9 @@ class ModelConfig:
                                 f"({self.mean_recurrence}): training backpropagates through the last "
                                 "backprop_depth iterations of r ~ mean_recurrence. Lower it, or raise "
                                 "mean_recurrence.")
+        if self.loop < 0 or self.looped and self.recurrent:
+            problems.append(f"model.loop = {self.loop} must be at least 0, and a looped stack cannot also be a "
+                            "recurrent-depth model (recurrent_core > 0): choose one of the two")
         if self.uses_rotary and self.n_heads > 0 and self.resolved_head_dim % 2:
             problems.append(f"rotary positions need an even head width (got {self.resolved_head_dim})")
         if not 0.0 <= self.dropout < 1.0:

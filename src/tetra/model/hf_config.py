@@ -198,8 +198,9 @@ FAMILY_LAYOUTS: dict[str, dict[str, Any]] = {
 
 def check_family_layout(config: ModelConfig) -> None:
     """Refuse to write a config.json whose architecture cannot express this model's layout."""
-    if config.positions in ("abacus", "abacus+rope", "none") or config.recurrent:
-        kind = "recurrent-depth" if config.recurrent else f"positions = {config.positions!r}"
+    if config.positions in ("abacus", "abacus+rope", "none") or config.iterated:
+        kind = ("recurrent-depth" if config.recurrent else "looped" if config.looped else
+                f"positions = {config.positions!r}")
         raise ConfigError(f"A {kind} model has no Hugging Face architecture in transformers to be written as. Keep "
                           "it as a tetra checkpoint: tetra generate, tetra eval and the Python API read it.")
     problems = [f"{name} is {getattr(config, name)!r} but {config.family} needs {value!r}"

@@ -14,7 +14,7 @@ from tetra.model.abacus import AbacusEmbedding, digit_positions
 from tetra.model.config import ModelConfig
 from tetra.model.kv_cache import KVCache
 from tetra.model.layers import Block, RotaryEmbedding, make_norm
-from tetra.model.recurrent import RecurrentDepth, SandwichBlock, run_recurrent
+from tetra.model.recurrent import LoopedStack, RecurrentDepth, SandwichBlock, run_recurrent
 
 
 def attention_mask_for(
@@ -81,7 +81,7 @@ class Transformer(nn.Module):
         self.embed_dropout = nn.Dropout(config.dropout)
         block = SandwichBlock if config.recurrent else Block
         self.blocks = nn.ModuleList(block(config, index) for index in range(config.n_layers))
-        self.recurrence = RecurrentDepth(config) if config.recurrent else None
+        self.recurrence = RecurrentDepth(config) if config.recurrent else LoopedStack(config) if config.looped else None
         self.norm = make_norm(config)
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -114,6 +114,7 @@ class Transformer(nn.Module):
         recurrence: int | None = None,
         exit_kl: float = 0.0,
         stats: dict | None = None,
+        backprop_depth: int | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states [B, T, hidden].
 
@@ -144,11 +145,12 @@ class Transformer(nn.Module):
             mask = attention_mask
         else:
             mask = attention_mask_for(length, cache_start, attention_mask, self.config.sliding_window, device)
-        if self.recurrence is not None:  # recurrent depth: r iterations of the core (model/recurrent.py)
+        if self.recurrence is not None:  # recurrent depth or a looped stack: r iterations (model/recurrent.py)
             readout = (lambda hidden: self.head(self.norm(hidden))) if exit_kl > 0 else None
-            x = run_recurrent(self.blocks, self.recurrence, x, rotary, mask, kv_cache, cache_start,
-                              recurrence or self.config.mean_recurrence, self.config.backprop_depth, exit_kl,
-                              readout, stats)
+            steps = recurrence or (self.config.mean_recurrence if self.config.recurrent else self.config.loop)
+            depth = backprop_depth or (self.config.backprop_depth if self.config.recurrent else steps)
+            x = run_recurrent(self.blocks, self.recurrence, x, rotary, mask, kv_cache, cache_start, steps, depth,
+                              exit_kl, readout, stats)
         else:
             for block in self.blocks:
                 x = block(x, rotary, mask, kv_cache, cache_start)
@@ -176,14 +178,16 @@ class Transformer(nn.Module):
         recurrence: int | None = None,
         exit_kl: float = 0.0,
         stats: dict | None = None,
+        backprop_depth: int | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] (or [B, 1, vocab] with last_only, which is all sampling needs); hidden_only returns
         the final-norm hidden states instead, for a loss that applies the head itself (chunk by chunk).
-        A recurrent-depth model iterates its core `recurrence` times (default: the mean it was trained for), or
-        stops once successive iterations' output distributions differ by less than exit_kl (stats["steps"]
-        receives the iterations run)."""
+        A recurrent-depth model iterates its core `recurrence` times (default: the mean it was trained for), a looped
+        model its stack (default: model.loop), or stops once successive iterations' output distributions differ by
+        less than exit_kl (stats["steps"] receives the iterations run). backprop_depth overrides how many of the
+        last iterations the gradient flows through (a looped model's progressive loss)."""
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache, cache_start, document_ids,
-                                    recurrence, exit_kl, stats)
+                                    recurrence, exit_kl, stats, backprop_depth)
         if last_only:
             hidden = hidden[:, -1:]
         return hidden if hidden_only else self.head(hidden)

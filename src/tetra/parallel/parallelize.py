@@ -85,7 +85,7 @@ def parallelize(model: Transformer, grid: ProcessGrid, overlap: bool = True,
         if hasattr(block, "attn_post_norm"):  # a recurrent-depth model's sandwich blocks
             block.attn_post_norm = ParallelNorm(block.attn_post_norm, grid, width)
             block.mlp_post_norm = ParallelNorm(block.mlp_post_norm, grid, width)
-    if model.recurrence is not None:  # the adapter maps the column-split state to itself
+    if model.config.recurrent:  # the adapter maps the column-split state to itself (a looped stack has none)
         model.recurrence.state = ColumnGatheredLinear(model.recurrence.state, grid)
         model.recurrence.inject = ColumnGatheredLinear(model.recurrence.inject, grid)
         model.recurrence.width_parts, model.recurrence.width_index = grid.size("col"), grid.index("col")

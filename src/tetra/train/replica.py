@@ -49,6 +49,7 @@ class Replica:
     def __init__(self, grid: ProcessGrid | None, zero1: bool = False, strategy: str = "4d",
                  chunked_loss: bool = True) -> None:
         self.grid, self.zero1, self.strategy, self.chunked_loss = grid, zero1, strategy, chunked_loss
+        self.progressive: Callable[[Callable[[], torch.Tensor]], torch.Tensor] | None = None  # looped models
         self._buckets_built = False
 
     @property
@@ -79,6 +80,11 @@ class Replica:
             return chunked_token_loss(hidden, head.weight, batch.labels)
         return per_token_loss(model(batch.inputs, **extra), batch.labels)
 
+    def _training_losses(self, model: torch.nn.Module, tokens: Batch) -> torch.Tensor:
+        if self.progressive is None:
+            return self.token_losses(model, tokens)
+        return self.progressive(lambda: self.token_losses(model, tokens))
+
     def total(self, values: torch.Tensor) -> torch.Tensor:
         """Sum over every rank holding other samples (the batch group); a copy, the input is unchanged."""
         values = values.clone()
@@ -105,7 +111,7 @@ class Replica:
             last = index == len(batches) - 1
             with gradient_sync(model, self.strategy, enabled=last):
                 with autocast():
-                    losses = split_loss(self.token_losses(model, tokens), drop)
+                    losses = split_loss(self._training_losses(model, tokens), drop)
                 if last:
                     self._arm_gradient_buckets(model)
                 (losses.kept * (scale / max(kept_total, 1.0))).backward()

@@ -38,6 +38,7 @@ from tetra.train.neftune import attach_neftune
 from tetra.train.optim import build_optimizer, lr_at, set_lr
 from tetra.train.precision import choose_autocast_dtype
 from tetra.train.progress import ProgressReporter
+from tetra.train.progressive import ProgressiveLoss
 from tetra.train.recurrence import attach_recurrence_sampler
 from tetra.train.replica import Replica, StepLoss
 from tetra.train.setup import (
@@ -205,6 +206,11 @@ def build_loop(config: RunConfig, explicit_model: dict[str, Any]) -> tuple[Loop,
                     regather=config.parallel.regather)
     if model.config.recurrent:  # r drawn per training forward; evaluation runs the mean
         attach_recurrence_sampler(model)
+    if config.train.progressive_loss > 0:
+        if not model.config.looped:
+            raise ConfigError(f"train.progressive_loss = {config.train.progressive_loss} trains a looped model's "
+                              "passes, but this model has no loop; set model.loop = R (R > 1) or drop the key.")
+        replica.progressive = ProgressiveLoss(model, config.train.progressive_loss)
     if config.train.neftune.alpha > 0:  # on the modules training runs: after the grid has replaced them
         attach_neftune(model, config.train.neftune.alpha, grid if replica.splits_model else None)
     if config.train.activation_checkpointing:

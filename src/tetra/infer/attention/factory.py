@@ -26,9 +26,9 @@ def make_cache(model: Transformer, policy: AttentionPolicy, batch: int, max_leng
     device = device or compute_device
     if policy.dense:
         return KVCache(config, batch, max_length, dtype, device)
-    if config.recurrent:
-        raise ConfigError(f"--attention {policy.kind} keeps one set of keys per block, and a recurrent-depth model's "
-                          "core blocks run many times per token; use --attention dense.")
+    if config.iterated:
+        raise ConfigError(f"--attention {policy.kind} keeps one set of keys per block, and a recurrent-depth or "
+                          "looped model's blocks run many times per token; use --attention dense.")
     if config.sliding_window:
         raise ConfigError(f"--attention {policy.kind} needs full attention, but this model attends within a sliding "
                           f"window of {config.sliding_window} tokens; use --attention dense.")
