@@ -1,9 +1,9 @@
 """Test-time compute with recurrent depth, at CPU scale: a recurrent-depth model trained on a multi-step task (the
-running value: a digit carried through 1..6 operations mod 10; mean recurrence 4, gradient through the last 4
-iterations) answers fresh questions of 1..12 operations at test-time r = 1 .. 4x the training mean, against a plain
-model with the same blocks (equal parameters) and the same plain model trained for as many FLOPs as the recurrent
-one; then adaptive exit: the iterations it saves and the accuracy it keeps. `--task reachability` runs the graph
-task instead (it did not learn at this scale; docs/reasoning.md).
+running value: a digit carried through 1..4 operations mod 10, short ones more often; mean recurrence 4, gradient
+through the last 4 iterations) answers fresh questions of 1..8 operations at test-time r = 1 .. 4x the training
+mean, against a plain model with the same blocks (equal parameters) and the same plain model trained for as many
+FLOPs as the recurrent one; then adaptive exit: the iterations it saves and the accuracy it keeps.
+`--task reachability` runs the graph task instead (it did not learn at this scale; docs/reasoning.md).
 
 The published shape: accuracy grows with test-time r up to and beyond the training mean, most on the hardest
 questions. Results go to experiments/out/test_time_compute/ and docs/reasoning.md. Finished trainings are kept and
@@ -31,7 +31,7 @@ PRELUDE, CORE, CODA = 1, 2, 1
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=("running-value", "reachability"), default="running-value")
-    parser.add_argument("--steps", type=int, default=2000, help="optimizer steps of the recurrent model")
+    parser.add_argument("--steps", type=int, default=2500, help="optimizer steps of the recurrent model")
     parser.add_argument("--mean-recurrence", type=int, default=4)
     parser.add_argument("--backprop-depth", type=int, default=4)
     parser.add_argument("--width", type=int, default=128)
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--nodes", type=int, default=10, help="reachability: nodes per graph (at most 10)")
     parser.add_argument("--edges", type=int, default=12, help="reachability: edges per graph")
-    parser.add_argument("--max-hops", type=int, default=6, help="the hardest questions in training")
+    parser.add_argument("--max-hops", type=int, default=4, help="the hardest questions in training")
     parser.add_argument("--samples", type=int, default=100, help="test questions per hop count")
     parser.add_argument("--exit-kl", type=float, default=5e-4)
     parser.add_argument("--out", default="experiments/out/test_time_compute")

@@ -26,8 +26,10 @@ def test_questions_have_the_operations_asked_for():
         prompt, answer, got = task.problem(rng, hops)
         assert got == hops and len(prompt) == 2 * hops + 2 and prompt.endswith("=")
         assert answer == str(evaluate_program(prompt))
-    drawn = [task.problem(rng)[2] for _ in range(3000)]
-    assert set(drawn) == set(range(1, 7))
+    drawn = [task.problem(rng)[2] for _ in range(6000)]  # easy weighting: P(h) ~ 1/h
+    assert set(drawn) == set(range(1, 7)) and 1.7 < drawn.count(1) / drawn.count(2) < 2.3
+    uniform = [RunningValueTask(6, "uniform").problem(rng)[2] for _ in range(6000)]
+    assert 0.8 < uniform.count(1) / uniform.count(6) < 1.25
     answers = [task.problem(rng, 4)[1] for _ in range(3000)]
     assert len(set(answers)) == 10  # every digit is an answer
 
@@ -40,6 +42,8 @@ def test_data_is_deterministic_and_bad_sizes_are_named(tmp_path):
     assert (tmp_path / "a" / "train-00000.bin").read_bytes() != (tmp_path / "c" / "train-00000.bin").read_bytes()
     with pytest.raises(DataError, match="--max-hops"):
         RunningValueTask(0).check()
+    with pytest.raises(DataError, match="--weighting"):
+        RunningValueTask(3, "hard").check()
 
 
 def test_the_scorer_is_exact(monkeypatch):

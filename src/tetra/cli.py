@@ -21,6 +21,7 @@ from tetra.commands import (
     loki,
     memorization,
     plan,
+    scaling,
     serve,
     tokenizer,
     train,
@@ -28,7 +29,7 @@ from tetra.commands import (
 from tetra.errors import TetraError
 
 COMMAND_GROUPS = (train, generate, serve, evaluate, bench, defense, memorization, data, tokenizer, convert, plan,
-                  calibrate, loki, init)
+                  calibrate, loki, init, scaling)
 
 
 def build_parser() -> argparse.ArgumentParser:

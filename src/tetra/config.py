@@ -229,6 +229,13 @@ def _build(cls: type, values: dict[str, Any], prefix: str, problems: list[str]) 
     return cls(**kwargs)
 
 
+def build_section(cls: type, values: dict[str, Any], prefix: str = "") -> tuple[Any, list[str]]:
+    """A dataclass from a dict of its fields (nested sections too), with every unknown key and wrong type listed:
+    for other TOML files with the same rules (a sweep file)."""
+    problems: list[str] = []
+    return _build(cls, values, prefix, problems), problems
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'train.lr=3e-4' -> (['train', 'lr'], 0.0003); values are TOML literals, else plain strings."""
     if "=" not in text:

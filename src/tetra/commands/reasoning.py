@@ -42,6 +42,9 @@ def register_data(actions: argparse._SubParsersAction) -> None:
                                  "mod 10, left to right) as prepared data; loss on the answer", epilog=EXAMPLES,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     running.add_argument("--max-hops", type=int, default=6, help="most operations in a training question")
+    running.add_argument("--weighting", choices=("easy", "uniform"), default="easy",
+                         help="how training questions' operation counts are drawn: easy (P ~ 1/count, so each step "
+                              "is learned before long chains) or uniform")
     _common_data_arguments(running, 200_000)
     running.set_defaults(handler=run_running_value_data)
 
@@ -56,10 +59,11 @@ def run_reachability_data(args: argparse.Namespace) -> int:
 
 
 def run_running_value_data(args: argparse.Namespace) -> int:
-    meta = write_running_value_data(args.out, RunningValueTask(args.max_hops), args.examples, args.seed,
-                                    args.val_fraction, args.overwrite)
+    meta = write_running_value_data(args.out, RunningValueTask(args.max_hops, args.weighting), args.examples,
+                                    args.seed, args.val_fraction, args.overwrite)
     print(f"wrote {args.out}: {meta['splits']['train']['documents']:,} training and "
-          f"{meta['splits']['val']['documents']:,} validation questions (1 to {args.max_hops} operations)")
+          f"{meta['splits']['val']['documents']:,} validation questions (1 to {args.max_hops} operations, "
+          f"{args.weighting} weighting)")
     return 0
 
 

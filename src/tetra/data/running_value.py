@@ -34,17 +34,27 @@ def evaluate_program(text: str) -> int:
 
 @dataclass
 class RunningValueTask:
-    """Questions of 1..max_hops operations in training."""
+    """Questions of 1..max_hops operations in training, drawn uniformly or (weighting "easy") with probability
+    proportional to 1 / hops: a model fed mostly long questions early learns not even the one-step table, while
+    one that sees many short ones learns each step and then chains them."""
 
     max_hops: int = 6
+    weighting: str = "easy"  # easy (P(h) ~ 1/h) | uniform
 
     def check(self) -> None:
         if not 1 <= self.max_hops <= MAX_OPERATIONS:
             raise DataError(f"--max-hops must be in 1..{MAX_OPERATIONS} (got {self.max_hops})")
+        if self.weighting not in ("easy", "uniform"):
+            raise DataError(f"--weighting {self.weighting!r} is unknown; choose easy or uniform")
+
+    def draw_hops(self, rng: random.Random) -> int:
+        if self.weighting == "uniform":
+            return rng.randint(1, self.max_hops)
+        return rng.choices(range(1, self.max_hops + 1), weights=[1 / h for h in range(1, self.max_hops + 1)])[0]
 
     def problem(self, rng: random.Random, hops: int | None = None) -> tuple[str, str, int]:
-        """(prompt, answer, hops); hops None draws it uniformly from 1..max_hops."""
-        hops = rng.randint(1, self.max_hops) if hops is None else hops
+        """(prompt, answer, hops); hops None draws it by the task's weighting."""
+        hops = self.draw_hops(rng) if hops is None else hops
         text = str(rng.randrange(10)) + "".join(rng.choice(OPERATORS) + str(rng.randrange(10)) for _ in range(hops))
         return text + "=", str(evaluate_program(text)), hops
 
