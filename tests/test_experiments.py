@@ -101,3 +101,11 @@ def test_test_time_compute_smoke(tmp_path):
     assert {"r = 1", "r = 8", "plain, equal parameters", "plain, equal training FLOPs"} <= set(results["accuracy"])
     assert results["adaptive_iterations"] <= 8 and results["flop_ratio"] > 1
     assert (tmp_path / "test_time_compute.png").stat().st_size > 1000
+
+
+def test_scaling_study_smoke(tmp_path):
+    experiment = _load("scaling_study")
+    assert experiment.main(["--smoke", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [fit["runs"] for fit in results["fits"]] == [12, 6, 8] and results["held_out"]["width"] == 32
+    assert (tmp_path / "scaling_fit.png").stat().st_size > 10000 and "held-out" in (tmp_path / "table.md").read_text()

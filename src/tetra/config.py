@@ -122,6 +122,10 @@ class TrainConfig:
     goldfish: GoldfishConfig = field(default_factory=GoldfishConfig)  # memorization-safe loss (off by default)
     neftune: NEFTuneConfig = field(default_factory=NEFTuneConfig)  # noisy embeddings for fine-tuning (off)
     progressive_loss: float = 0.0  # looped models: weight alpha of the progressive loss (train/progressive.py)
+    optimizer: str = "adamw"  # adamw | galore (low-rank projected Adam) | conda (Adam in the momentum's SVD basis)
+    galore_rank: int = 128  # galore: rank of the gradient projection of each block matrix
+    galore_scale: float = 0.25  # galore: the projected update's scale
+    projection_interval: int = 200  # galore / conda: steps between refreshes of the projection (or rotation)
 
 
 @dataclass
@@ -312,6 +316,13 @@ def validate_run_config(config: RunConfig, explicit_model: dict[str, Any]) -> li
     if config.lora.enabled and not config.init.checkpoint:
         problems.append("[lora] adapts a pretrained model: set init.checkpoint (LoRA checkpoints hold only the "
                         "adapters, so a random base could not be recovered)")
+    _choice(problems, "train.optimizer", train.optimizer, ("adamw", "galore", "conda"))
+    if train.galore_rank < 1 or train.projection_interval < 1:
+        problems.append(f"train.galore_rank and train.projection_interval must be at least 1 (got "
+                        f"{train.galore_rank}, {train.projection_interval})")
+    if train.optimizer != "adamw" and (config.parallel.zero1 or config.parallel.strategy == "fsdp2"):
+        problems.append(f"train.optimizer = {train.optimizer!r} keeps whole matrices' singular vectors; it runs on "
+                        "one process or with parallel.strategy = \"ddp\" (no zero1, no fsdp2) for now")
     if not 0 <= train.progressive_loss <= 1:
         problems.append(f"train.progressive_loss must be in [0, 1] (got {train.progressive_loss})")
     if train.progressive_loss > 0 and config.parallel.strategy != "4d":

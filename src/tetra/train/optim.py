@@ -1,4 +1,5 @@
-"""AdamW with decay on matrices only, and learning-rate schedules (warmup, then cosine, WSD, linear or constant).
+"""The optimizer (AdamW with decay on matrices only, or GaLore / Conda for the blocks' matrices) and learning-rate
+schedules (warmup, then cosine, WSD, linear or constant).
 
 Entry points: build_optimizer(model, config) and lr_at(step, config).
 """
@@ -11,11 +12,13 @@ import torch
 from torch import nn
 
 from tetra.config import TrainConfig
+from tetra.errors import ConfigError
 from tetra.parallel.column_linear import ColumnGatheredLinear
 from tetra.parallel.grid import ProcessGrid
 from tetra.parallel.tensor_parallel import TensorParallelLinear
 from tetra.parallel.tensor_parallel_lora import LoRAFactor
 from tetra.parallel.zero import ZeroOptimizer
+from tetra.train.lowrank_optim import Conda, GaLore
 
 # Modules whose weight is a matrix to decay: plain and tensor-parallel (its shard is flat, but still a matrix), and
 # a grid-split LoRA factor or recurrent-depth adapter (each an nn.Linear in one process).
@@ -48,11 +51,34 @@ def _tied_embedding(model: nn.Module) -> torch.Tensor | None:
     return embed.weight if isinstance(embed, nn.Embedding) else None
 
 
+def _block_matrix_groups(model: nn.Module, groups: list[dict]) -> list[dict]:
+    """The decayed group split in two: the blocks' attention and MLP weights (projected by GaLore / rotated by
+    Conda) and the other matrices (the output head)."""
+    block_matrices = {id(module.weight) for name, module in model.named_modules()
+                      if name.startswith("blocks.") and isinstance(module, nn.Linear)}
+    decayed, *rest = groups
+    projected = [p for p in decayed["params"] if id(p) in block_matrices]
+    others = [p for p in decayed["params"] if id(p) not in block_matrices]
+    return [{**decayed, "params": projected, "project": True}, {**decayed, "params": others}, *rest]
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig, grid: ProcessGrid | None = None,
                     zero1: bool = False) -> torch.optim.Optimizer | ZeroOptimizer:
     """AdamW, fused where torch has a fused kernel for the parameters' device; with zero1 on a grid with several
-    data ranks, its state is sharded over them."""
+    data ranks, its state is sharded over them. train.optimizer = galore | conda: those for the blocks' matrices
+    (one process or DDP; grid here is the tensor-splitting grid, which they refuse)."""
     groups = parameter_groups(model, config.weight_decay)
+    if config.optimizer != "adamw":
+        if grid is not None:
+            raise ConfigError(f"train.optimizer = {config.optimizer!r} needs whole weight matrices (their singular "
+                              "vectors); the 4D grid's row, col and depth dimensions split them. Train on one "
+                              "process or with parallel.strategy = \"ddp\".")
+        groups = _block_matrix_groups(model, groups)
+        common = dict(lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
+                      update_interval=config.projection_interval)
+        if config.optimizer == "galore":
+            return GaLore(groups, rank=config.galore_rank, scale=config.galore_scale, **common)
+        return Conda(groups, **common)
     fused = next(model.parameters()).device.type in ("cuda", "cpu")
 
     def adamw(param_groups: list[dict]) -> torch.optim.AdamW:
