@@ -340,17 +340,20 @@ def validate_run_config(config: RunConfig, explicit_model: dict[str, Any]) -> li
     return problems
 
 
+def read_toml(path: str | Path, kind: str = "Config file", examples: str = "configs/") -> dict[str, Any]:
+    """A TOML file's values, or a ConfigError naming the missing or malformed file and where examples are."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{kind} {path} does not exist. See {examples} for examples.")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}.") from None
+
+
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> tuple[RunConfig, dict]:
     """Read a TOML file (or nothing) plus overrides; returns the typed config and the raw [model] keys given."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"Config file {path} does not exist. See configs/ for examples.")
-        try:
-            values = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"{path} is not valid TOML: {error}.") from None
+    values = read_toml(path) if path is not None else {}
     values = apply_overrides(values, overrides or [])
     return build_run_config(values), dict(values.get("model", {}))
 

@@ -157,3 +157,20 @@ def write_problem_data(out: str | Path, tokenizer: TextTokenizer, problems: Iter
                 "pad_id": tokenizer.pad_id, "train_on": "answer", "trained_tokens": trained_tokens, **settings}
         write_json(staging / META, meta)
     return meta
+
+
+def write_task_data(out: str | Path, task: Any, task_key: str, symbols: str, source: str, examples: int,
+                    seed: int = 0, val_fraction: float = 0.01, overwrite: bool = False) -> dict[str, Any]:
+    """Prepared data of `examples` questions from a multi-step task (its problem(rng) -> (prompt, answer, hops)),
+    written with one token per character of `symbols`; the task and seed go into meta.json and the tokenizer."""
+    task.check()
+    rng = random.Random(seed)
+
+    def problems() -> Iterator[tuple[str, str]]:
+        for _ in range(examples):
+            prompt, answer, _ = task.problem(rng)
+            yield prompt, answer
+
+    return write_problem_data(out, character_tokenizer(task, task_key, symbols), problems(), examples, source,
+                              {source.replace("-", "_"): {**asdict(task), "seed": seed}}, val_fraction, overwrite)
+

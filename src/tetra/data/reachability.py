@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tetra.data.arithmetic import character_tokenizer, write_problem_data
+from tetra.data.arithmetic import SYMBOLS, write_task_data
 from tetra.errors import DataError
 
 TASK_KEY = "tetra_reachability"  # in tokenizer_config.json
@@ -90,13 +89,4 @@ class ReachabilityTask:
 def write_reachability_data(out: str | Path, task: ReachabilityTask, examples: int, seed: int = 0,
                             val_fraction: float = 0.01, overwrite: bool = False) -> dict[str, Any]:
     """Prepared data of balanced reachability questions (loss on the answer)."""
-    task.check()
-    rng = random.Random(seed)
-
-    def problems() -> Iterator[tuple[str, str]]:
-        for _ in range(examples):
-            prompt, answer, _ = task.problem(rng)
-            yield prompt, answer
-
-    return write_problem_data(out, character_tokenizer(task, TASK_KEY), problems(), examples, "reachability",
-                              {"reachability": {**asdict(task), "seed": seed}}, val_fraction, overwrite)
+    return write_task_data(out, task, TASK_KEY, SYMBOLS, "reachability", examples, seed, val_fraction, overwrite)

@@ -10,12 +10,11 @@ Entry points: RunningValueTask, evaluate_program(text), write_running_value_data
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tetra.data.arithmetic import character_tokenizer, write_problem_data
+from tetra.data.arithmetic import write_task_data
 from tetra.errors import DataError
 
 TASK_KEY = "tetra_running_value"  # in tokenizer_config.json
@@ -66,14 +65,5 @@ class RunningValueTask:
 def write_running_value_data(out: str | Path, task: RunningValueTask, examples: int, seed: int = 0,
                              val_fraction: float = 0.01, overwrite: bool = False) -> dict[str, Any]:
     """Prepared data of running-value questions (loss on the answer digit and the end token)."""
-    task.check()
-    rng = random.Random(seed)
-
-    def problems() -> Iterator[tuple[str, str]]:
-        for _ in range(examples):
-            prompt, answer, _ = task.problem(rng)
-            yield prompt, answer
-
-    return write_problem_data(out, character_tokenizer(task, TASK_KEY, "0123456789+-*="), problems(), examples,
-                              "running-value", {"running_value": {**asdict(task), "seed": seed}}, val_fraction,
-                              overwrite)
+    return write_task_data(out, task, TASK_KEY, "0123456789+-*=", "running-value", examples, seed, val_fraction,
+                           overwrite)

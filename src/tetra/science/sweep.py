@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tetra.config import RunConfig, build_section, load_run_config
+from tetra.config import RunConfig, build_section, load_run_config, read_toml
 from tetra.errors import ConfigError
 from tetra.model.config import ModelConfig
 
@@ -74,13 +74,7 @@ class SweepConfig:
 def load_sweep(path: str | Path) -> SweepConfig:
     """Read and check a sweep file; every problem is named in one error."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Sweep file {path} does not exist. See docs/scaling.md for an example.")
-    try:
-        values = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path} is not valid TOML: {error}.") from None
-    config, problems = build_section(SweepConfig, values)
+    config, problems = build_section(SweepConfig, read_toml(path, "Sweep file", "docs/scaling.md"))
     problems += config.problems() if not problems else []
     if problems:
         raise ConfigError(f"Invalid sweep file {path}:\n  - " + "\n  - ".join(problems))
