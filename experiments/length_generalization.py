@@ -9,7 +9,7 @@ The published shape: abacus stays accurate far beyond D (most with looping), the
 D. Results (a table and a plot of accuracy against operand length) go to experiments/out/length_generalization/
 and docs/reasoning.md.
 
-Run: python experiments/length_generalization.py                (D = 5, about 15 minutes on 2 CPU cores)
+Run: python experiments/length_generalization.py                (D = 5, about 50 minutes on 2 CPU cores)
      python experiments/length_generalization.py --digits 10 --steps 6000    (closer to the paper; hours on CPU)
      python experiments/length_generalization.py --smoke        (a few steps; the test suite runs it)
 """

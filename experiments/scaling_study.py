@@ -71,6 +71,11 @@ def fit_report(rows: list[dict], resamples: int, label: str, starts: int = MAX_S
             if spread else None}
 
 
+def _interval(intervals_95: dict, key: str) -> str:
+    """" (low-high)", or nothing when no bootstrap refit succeeded."""
+    return f" ({intervals_95[key][0]:.3f}-{intervals_95[key][1]:.3f})" if key in intervals_95 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
@@ -104,12 +109,11 @@ def main(argv: list[str] | None = None) -> int:
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for report in reports:
         p, ci = report["parameters"], report["intervals_95"]
-        interval = report["optimal_params_95"] or [float("nan")] * 2
+        low, high = report["optimal_params_95"] or [float("nan")] * 2
         lines.append(f"| {report['label']} | {report['runs']} | {p['E']:.3f} | {p['A_params']:.3g} | "
-                     f"{p['alpha_params']:.3f} ({ci['alpha_params'][0]:.3f}-{ci['alpha_params'][1]:.3f}) | "
-                     f"{p['A_tokens']:.3g} | {p['alpha_tokens']:.3f} ({ci['alpha_tokens'][0]:.3f}-"
-                     f"{ci['alpha_tokens'][1]:.3f}) | {report['optimal_params']:.3g} ({interval[0]:.3g}-"
-                     f"{interval[1]:.3g}) | {report['optimal_tokens']:.3g} |")
+                     f"{p['alpha_params']:.3f}{_interval(ci, 'alpha_params')} | {p['A_tokens']:.3g} | "
+                     f"{p['alpha_tokens']:.3f}{_interval(ci, 'alpha_tokens')} | {report['optimal_params']:.3g} "
+                     f"({low:.3g}-{high:.3g}) | {report['optimal_tokens']:.3g} |")
     error = predicted / larger["loss"] - 1
     lines += ["", f"held-out width {larger['width']} x depth {larger['depth']} ({larger['non_embedding_params']:,} "
               f"non-embedding parameters, {larger['tokens']:,} tokens): observed {larger['loss']:.4f}, predicted "

@@ -9,7 +9,7 @@ The published shape: accuracy grows with test-time r up to and beyond the traini
 questions. Results go to experiments/out/test_time_compute/ and docs/reasoning.md. Finished trainings are kept and
 skipped when the script runs again (delete the folder to start over).
 
-Run: python experiments/test_time_compute.py             (about 40 minutes on 2 CPU cores)
+Run: python experiments/test_time_compute.py             (about 25 minutes on 2 CPU cores)
      python experiments/test_time_compute.py --smoke     (a few steps; the test suite runs it)
 """
 

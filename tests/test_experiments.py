@@ -88,7 +88,7 @@ def test_length_generalization_smoke(tmp_path):
     experiment = _load("length_generalization")
     assert experiment.main(["--smoke", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["accuracy"]) == {"abacus", "rope", "none"}
+    assert set(results["accuracy"]) == {"abacus", "rope", "none", "abacus+loop"}
     assert len(results["accuracy"]["abacus"]) == 15  # 1 .. 5D digits with D = 3
     assert (tmp_path / "length_generalization.png").stat().st_size > 1000
     assert "| 15 |" in (tmp_path / "table.md").read_text()
