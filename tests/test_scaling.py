@@ -43,6 +43,17 @@ def test_the_fit_recovers_a_known_law_and_its_compute_optimal_allocation():
     assert abs(np.log(sizes[along.argmin()] / CHINCHILLA.compute_optimal(1e22)[0])) < 0.01
 
 
+def test_the_width_depth_law_is_recovered():
+    truth = ScalingLaw(("width", "depth", "tokens"), 2.0, (30.0, 2.0, 300.0), (0.6, 0.5, 0.3))
+    grid = np.array([(w, d, t) for w in (64, 128, 256, 512) for d in (2, 4, 8) for t in (1e8, 4e8, 1.6e9)])
+    losses = truth.predict(grid) * np.exp(np.random.default_rng(4).normal(0, 0.002, len(grid)))
+    law = fit_law(grid, losses, truth.names, starts=grid_of_starts(3, limit=1500))
+    assert np.allclose(law.alpha, truth.alpha, atol=0.06) and abs(law.E - 2.0) < 0.05
+    assert np.abs(law.predict(grid) / truth.predict(grid) - 1).max() < 0.005
+    with pytest.raises(ConfigError, match="compute-optimal"):
+        law.compute_optimal(1e20)
+
+
 @pytest.mark.slow
 def test_bootstrap_intervals_cover_the_truth_near_their_nominal_rate():
     covered = []
