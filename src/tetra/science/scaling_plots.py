@@ -47,7 +47,8 @@ def plot_fit(rows: list[dict], law: ScalingLaw, features: np.ndarray, path: str 
     left.set_yscale("log")
     left.set_xlabel("training FLOPs (6 N D)")
     left.set_ylabel("loss")
-    left.legend(fontsize=8)
+    if len(law.names) == 2:  # the frontier is the only labelled line
+        left.legend(fontsize=8)
     left.set_title("loss against compute")
     predicted = law.predict(features)
     right.scatter(predicted, losses / predicted - 1, s=14)
