@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize
@@ -40,7 +40,6 @@ class ScalingLaw:
     A: tuple[float, ...]
     alpha: tuple[float, ...]
     objective: float = 0.0  # the summed Huber loss at the optimum
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_vector(cls, names: tuple[str, ...], theta: np.ndarray, objective: float = 0.0) -> ScalingLaw:
@@ -68,8 +67,7 @@ class ScalingLaw:
 
     def as_dict(self) -> dict:
         return {"parameters": dict(zip(("E", *(f"A_{n}" for n in self.names), *(f"alpha_{n}" for n in self.names)),
-                                (self.E, *self.A, *self.alpha), strict=True)), "objective": self.objective,
-                **self.extra}
+                                (self.E, *self.A, *self.alpha), strict=True)), "objective": self.objective}
 
 
 def _objective(theta: np.ndarray, logs: np.ndarray, log_loss: np.ndarray, delta: float) -> tuple[float, np.ndarray]:
