@@ -193,7 +193,7 @@ def test_fine_tuning_on_chat_data_end_to_end(chat_tokenizer, tmp_path):
     """tetra train from a checkpoint on chat data: document packing is chosen, validation counts only trained
     tokens, and the run resumes exactly."""
     from tetra.model.io import save_model
-    from tetra.train.trainer import build_loop
+    from tetra.train.loop import build_loop
 
     tokenizer = TextTokenizer.load(chat_tokenizer)
     torch.manual_seed(0)

@@ -179,7 +179,7 @@ def test_added_tokens_in_a_padded_table_start_at_the_mean(base):
     data = _prepare(base, "binary")
     first = data.meta["base_vocab_size"]
     from tetra.config import load_run_config
-    from tetra.train.trainer import build_loop
+    from tetra.train.loop import build_loop
 
     config, explicit = load_run_config(None, [f"init.checkpoint={base / 'padded'}", f"data.path={data.folder}",
                                               "data.seq_len=64", "lora.rank=2", f"run.dir={base / 'probe'}"])

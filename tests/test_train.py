@@ -46,8 +46,13 @@ def run_config(data_path: Path, run_dir: Path, model: dict | None = None, **sect
 class StopAfter:
     """Stands in for StopRequest: asks for a stop after `polls` steps, as a SIGTERM would."""
 
+    checkpoint_requested = False
+
     def __init__(self, polls: int) -> None:
         self.polls = polls
+
+    def checkpoint_taken(self) -> None:
+        return None
 
     def __call__(self):
         return self
@@ -108,10 +113,10 @@ def test_keeps_only_the_newest_checkpoints_and_saves_atomically(prepared_data, t
     trainer.train(config, explicit, show_progress=False)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0000005", "step-0000006"]
 
-    from tetra.train import checkpoint
+    from tetra.train import checkpoint_write
 
     calls = {"n": 0}
-    real_write = checkpoint.write_tensors
+    real_write = checkpoint_write.write_tensors
 
     def failing_write(tensors, folder, stem="model", **options):
         if stem == "optimizer":
@@ -120,7 +125,7 @@ def test_keeps_only_the_newest_checkpoints_and_saves_atomically(prepared_data, t
                 raise OSError("disk full")
         return real_write(tensors, folder, stem, **options)
 
-    monkeypatch.setattr(checkpoint, "write_tensors", failing_write)
+    monkeypatch.setattr(checkpoint_write, "write_tensors", failing_write)
     config, explicit = run_config(prepared_data, tmp_path / "failing", run={"checkpoint_every": 2})
     with pytest.raises(OSError, match="disk full"):
         trainer.train(config, explicit, show_progress=False)
@@ -130,7 +135,7 @@ def test_keeps_only_the_newest_checkpoints_and_saves_atomically(prepared_data, t
 
 
 def test_non_finite_loss_stops_with_the_last_good_checkpoint(prepared_data, tmp_path, monkeypatch):
-    real_step = trainer.Loop.step
+    real_step = trainer.Loop.compute
 
     def step_with_overflow(self, step):
         loss, norm = real_step(self, step)
@@ -138,7 +143,7 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(prepared_data, tmp_
             loss.loss = float("nan")
         return loss, norm
 
-    monkeypatch.setattr(trainer.Loop, "step", step_with_overflow)
+    monkeypatch.setattr(trainer.Loop, "compute", step_with_overflow)
     config, explicit = run_config(prepared_data, tmp_path / "run")
     with pytest.raises(trainer.NonFiniteLossError, match="became nan at step 5.*step-0000003.*--resume auto"):
         trainer.train(config, explicit, show_progress=False)

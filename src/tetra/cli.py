@@ -12,6 +12,7 @@ from tetra import __version__
 from tetra.commands import (
     bench,
     calibrate,
+    checkpoint,
     convert,
     data,
     defense,
@@ -28,8 +29,8 @@ from tetra.commands import (
 )
 from tetra.errors import TetraError
 
-COMMAND_GROUPS = (train, generate, serve, evaluate, bench, defense, memorization, data, tokenizer, convert, plan,
-                  calibrate, loki, init, scaling)
+COMMAND_GROUPS = (train, checkpoint, generate, serve, evaluate, bench, defense, memorization, data, tokenizer,
+                  convert, plan, calibrate, loki, init, scaling)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -126,6 +126,10 @@ class TrainConfig:
     galore_rank: int = 128  # galore: rank of the gradient projection of each block matrix
     galore_scale: float = 0.25  # galore: the projected update's scale
     projection_interval: int = 200  # galore / conda: steps between refreshes of the projection (or rotation)
+    on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient norm does (skip drops the update)
+    max_nonfinite_skips: int = 5  # skip: stop anyway after this many non-finite steps in a row
+    spike_sigmas: float = 6.0  # warn when a step's loss is this many deviations above the recent mean (0 = off)
+    spike_window: int = 100  # recent steps the loss-spike mean and deviation come from
 
 
 @dataclass
@@ -161,6 +165,7 @@ class RunSection:
     log_every: int = 10  # steps between metrics lines
     checkpoint_every: int = 500  # steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 3  # newest checkpoints kept; older ones are deleted
+    async_checkpoint: bool = False  # write checkpoints in a background thread from an in-memory snapshot
     device: str = "auto"  # auto | cpu | cuda
 
 
@@ -323,6 +328,10 @@ def validate_run_config(config: RunConfig, explicit_model: dict[str, Any]) -> li
     if train.optimizer != "adamw" and (config.parallel.zero1 or config.parallel.strategy == "fsdp2"):
         problems.append(f"train.optimizer = {train.optimizer!r} keeps whole matrices' singular vectors; it runs on "
                         "one process or with parallel.strategy = \"ddp\" (no zero1, no fsdp2) for now")
+    _choice(problems, "train.on_nonfinite", train.on_nonfinite, ("stop", "skip"))
+    if train.max_nonfinite_skips < 0 or train.spike_window < 2 or train.spike_sigmas < 0:
+        problems.append(f"train.max_nonfinite_skips must be >= 0, train.spike_window >= 2 and train.spike_sigmas "
+                        f">= 0 (got {train.max_nonfinite_skips}, {train.spike_window}, {train.spike_sigmas})")
     if not 0 <= train.progressive_loss <= 1:
         problems.append(f"train.progressive_loss must be in [0, 1] (got {train.progressive_loss})")
     if train.progressive_loss > 0 and config.parallel.strategy != "4d":

@@ -1,5 +1,5 @@
-"""`tetra data prepare` and `tetra data inspect`: tokenize a source (text, or conversations with a loss mask) into
-memory-mapped shards for training, and show what a prepared dataset trains on.
+"""`tetra data prepare`, `inspect` and `verify`: tokenize a source (text, or conversations with a loss mask) into
+memory-mapped shards for training, show what a prepared dataset trains on, and check its files' checksums.
 
 Entry point: register(subparsers).
 """
@@ -19,8 +19,10 @@ from tetra.data.inspect import inspect_records
 from tetra.data.prepare import prepare_data
 from tetra.data.prepare_chat import TOO_LONG, ChatOptions
 from tetra.data.refusal import RefusalTokens
+from tetra.data.shards import PreparedData
 from tetra.data.stdlib_qa import stdlib_qa_records
 from tetra.errors import ConfigError, DataError
+from tetra.integrity import has_manifest
 
 EXAMPLES = """examples:
   tetra data prepare stdlib --tokenizer tokenizers/stdlib-4k --out data/stdlib
@@ -41,7 +43,7 @@ INSPECT_EXAMPLES = """examples:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("data", help="prepare and inspect training data")
     actions = parser.add_subparsers(dest="action", required=True,
-                                    metavar="{prepare,inspect,generate,arithmetic,reachability,running-value}")
+                                    metavar="{prepare,inspect,verify,generate,arithmetic,reachability,running-value}")
     prepare = actions.add_parser("prepare", help="tokenize documents or conversations into token shards",
                                  epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     prepare.add_argument("source", help="file, folder, glob (.txt, .jsonl, .parquet, ...) or 'stdlib'")
@@ -93,8 +95,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                "(refusal_category 'made_up', for --refusal-tokens)")
     generate.add_argument("--seed", type=int, default=0)
     generate.set_defaults(handler=run_generate)
+    verify = actions.add_parser("verify", help="check a prepared dataset's files against their recorded SHA-256",
+                                epilog="examples:\n  tetra data verify data/stdlib\n",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    verify.add_argument("folder", help="a folder written by `tetra data prepare` (or `tetra data arithmetic`, ...)")
+    verify.set_defaults(handler=run_verify)
     register_arithmetic_data(actions)
     register_reachability_data(actions)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """Every byte against the manifest (opening the data for training checks only the sizes)."""
+    data = PreparedData.open(args.folder)
+    if not has_manifest(data.folder):
+        raise DataError(f"{data.folder} has no manifest.json (it was prepared before tetra recorded checksums), so "
+                        "there is nothing to check it against. Prepare it again to get one.")
+    data.verify(hashes=True)
+    print(f"ok {data.folder}: every file matches its recorded size and SHA-256")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ from tetra.data.shards import FORMAT_VERSION, META, ShardWriter, token_dtype
 from tetra.data.tokenizer import TextTokenizer
 from tetra.errors import DataError
 from tetra.files import atomic_directory, write_json
+from tetra.integrity import write_manifest
 
 OPERATIONS = ("add", "mul", "sort")
 SYMBOLS = "0123456789+*=,:>?"
@@ -156,6 +157,7 @@ def write_problem_data(out: str | Path, tokenizer: TextTokenizer, problems: Iter
                 "documents": examples, "splits": splits, "format": source.split(":")[0], "loss_mask": True,
                 "pad_id": tokenizer.pad_id, "train_on": "answer", "trained_tokens": trained_tokens, **settings}
         write_json(staging / META, meta)
+        write_manifest(staging)  # sizes checked at every open, hashes by `tetra data verify`
     return meta
 
 

@@ -23,6 +23,7 @@ from tetra.data.sources import iter_documents, iter_records
 from tetra.data.tokenizer import TextTokenizer
 from tetra.errors import DataError
 from tetra.files import atomic_directory, write_json
+from tetra.integrity import write_manifest
 
 BATCH_DOCUMENTS = 256
 
@@ -100,6 +101,7 @@ def prepare_data(source: str, tokenizer_folder: str | Path, out: str | Path, tex
                         pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id,
                         records=records, refusal_tokens=refusal_table(tokenizer), **base)
         write_json(staging / META, meta)
+        write_manifest(staging)  # sizes checked at every open, hashes by `tetra data verify`
     return meta
 
 

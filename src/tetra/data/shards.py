@@ -14,6 +14,7 @@ import numpy as np
 
 from tetra.errors import DataError
 from tetra.files import read_json
+from tetra.integrity import check_manifest, has_manifest
 
 META = "meta.json"
 FORMAT_VERSION = 1
@@ -136,7 +137,19 @@ class PreparedData:
         if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
             raise DataError(f"{folder / META} is not a tetra dataset description of format {FORMAT_VERSION}; "
                             "prepare the data again with this version of tetra.")
-        return cls(folder, meta)
+        data = cls(folder, meta)
+        data.verify(hashes=False)
+        return data
+
+    def verify(self, hashes: bool = True) -> None:
+        """Check every file against the manifest written at preparation: sizes (one stat each, done at every open)
+        or, with hashes, every byte. Data prepared before manifests existed passes unchecked."""
+        if not has_manifest(self.folder):
+            return
+        problems = check_manifest(self.folder, hashes)
+        if problems:
+            raise DataError(f"The prepared data in {self.folder} is truncated or damaged: {'; '.join(problems[:4])}. "
+                            "Prepare it again from its source (or restore the folder from a copy).")
 
     @property
     def vocab_size(self) -> int:

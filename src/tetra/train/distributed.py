@@ -56,10 +56,10 @@ def is_main_rank() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True if the flag is set on any rank (so that every rank stops at the same step)."""
+def agree_on_flags(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag set if it is set on any rank (one all-reduce), so every rank takes the same branch."""
     if not dist.is_initialized():
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+        return list(flags)
+    values = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(value) for value in values.tolist()]

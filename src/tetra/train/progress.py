@@ -36,7 +36,7 @@ class ProgressReporter:
         if not self.enabled:
             return
         self.tokens_per_s = record.get("tokens_per_s", self.tokens_per_s)
-        status = f"loss {record['loss']:.4f}"
+        status = f"loss {record['loss']:.4f}" if "loss" in record else "step skipped (non-finite)"
         if self.tokens_per_s:
             status += f"  {self.tokens_per_s:,.0f} tok/s"
         if "val_loss" in record:

@@ -1,7 +1,8 @@
 """Sharded checkpoints for 4D-parallel runs: each rank writes its own [row, col] blocks with
 torch.distributed.checkpoint; loading reshards them onto any grid.
 
-Entry points: save_shards(folder, model, optimizer, grid) and load_shards(folder, model, optimizer, grid).
+Entry points: shard_state(model, optimizer, grid) (what checkpoint_write saves) and
+load_shards(folder, model, optimizer, grid).
 """
 
 from __future__ import annotations
@@ -53,10 +54,11 @@ def _entries(model: Transformer, optimizer: torch.optim.Optimizer):
             yield f"optim/{name}/{key}", value, parameter
 
 
-def save_shards(folder: Path, model: Transformer, optimizer: torch.optim.Optimizer, grid: ProcessGrid) -> None:
-    """Collective: every rank writes its blocks under folder/shards (replicated pieces are written once)."""
-    import torch.distributed.checkpoint as dcp
-
+def shard_state(model: Transformer, optimizer: torch.optim.Optimizer, grid: ProcessGrid,
+                copy: bool = False) -> dict[str, Any]:
+    """Collective (depth shards are gathered): this rank's blocks of weights and optimizer state as DTensors,
+    ready for torch.distributed.checkpoint.save, which writes replicated pieces once. copy: a snapshot that later
+    steps cannot change (for a background write)."""
     mesh = _mesh(grid, next(model.parameters()).device)
     state = {}
     for key, value, parameter in _entries(model, optimizer):
@@ -64,8 +66,9 @@ def save_shards(folder: Path, model: Transformer, optimizer: torch.optim.Optimiz
         if value.shape != parameter.shape:  # a scalar like AdamW's step
             state[key] = value.detach().clone()
         else:
-            state[key] = _as_dtensor(gather_block(value.detach(), layout, grid), layout, mesh)
-    dcp.save(state, checkpoint_id=str(folder / SHARDS))
+            block = gather_block(value.detach(), layout, grid)
+            state[key] = _as_dtensor(block.clone() if copy else block, layout, mesh)
+    return state
 
 
 def load_shards(folder: Path, model: Transformer, optimizer: torch.optim.Optimizer, grid: ProcessGrid) -> None:
