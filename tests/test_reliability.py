@@ -91,16 +91,16 @@ def _count_save_changes(config_path: Path, tmp_path: Path) -> int:
     return int(count.read_text())
 
 
-@pytest.mark.parametrize("async_checkpoint", [False, True])
-def test_a_kill_anywhere_in_a_save_leaves_a_sound_checkpoint(prepared_data, tmp_path, straight, async_checkpoint):
-    """The save of step 4 is killed at its first, middle and last file-system change; what is left resumes to
-    exactly the undisturbed losses."""
+def _kill_saves_at(prepared_data, tmp_path: Path, straight: dict[int, float], async_checkpoint: bool,
+                   every: bool) -> None:
+    """Kill the save of step 4 at its first, middle and last file-system change (or at every one); what is left
+    must resume to exactly the undisturbed losses."""
     values = run_values(prepared_data, tmp_path / "probe", **STEPS)
     values["run"]["async_checkpoint"] = async_checkpoint
     (tmp_path / "probe.toml").write_text(dump_toml(values))
     changes = _count_save_changes(tmp_path / "probe.toml", tmp_path)
     assert changes >= 10  # folders, files, the manifest, renames, the old checkpoint's removal
-    for event in sorted({1, changes // 2, changes}):
+    for event in range(1, changes + 1) if every else sorted({1, changes // 2, changes}):
         run_dir = tmp_path / f"kill-{event}"
         values["run"]["dir"] = str(run_dir)
         config_path = tmp_path / f"kill-{event}.toml"
@@ -112,6 +112,16 @@ def test_a_kill_anywhere_in_a_save_leaves_a_sound_checkpoint(prepared_data, tmp_
         trainer.train(*run_config(prepared_data, run_dir, **STEPS), resume="auto", show_progress=False)
         assert losses(run_dir) == straight, event
         assert main(["checkpoint", "verify", str(run_dir)]) == 0
+
+
+@pytest.mark.parametrize("async_checkpoint", [False, True])
+def test_a_kill_in_a_save_leaves_a_sound_checkpoint(prepared_data, tmp_path, straight, async_checkpoint):
+    _kill_saves_at(prepared_data, tmp_path, straight, async_checkpoint, every=False)
+
+
+@pytest.mark.slow
+def test_a_kill_at_every_point_of_a_save_leaves_a_sound_checkpoint(prepared_data, tmp_path, straight):
+    _kill_saves_at(prepared_data, tmp_path, straight, async_checkpoint=False, every=True)
 
 
 def test_sigusr1_checkpoints_and_training_goes_on(prepared_data, tmp_path):

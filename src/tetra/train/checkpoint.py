@@ -15,9 +15,9 @@ import torch
 
 from tetra.adapters.lora import has_lora
 from tetra.adapters.peft_io import load_adapter_weights_into
-from tetra.errors import CheckpointError
+from tetra.errors import CheckpointError, TetraError
 from tetra.files import read_json
-from tetra.integrity import check_manifest, has_manifest
+from tetra.integrity import MANIFEST, check_manifest, has_manifest
 from tetra.model import Transformer
 from tetra.model.io import check_tensors, load_weights_into, read_model_tensors
 from tetra.model.safetensors_io import read_tensors
@@ -53,7 +53,13 @@ def checkpoint_problems(folder: Path, hashes: bool = True) -> list[str]:
         return [f"{folder} does not exist"]
     if not (folder / TRAINER_STATE).is_file():
         return [f"{folder / TRAINER_STATE} is missing: this is not a complete training checkpoint"]
-    return check_manifest(folder, hashes) if has_manifest(folder) else []
+    if has_manifest(folder):
+        return check_manifest(folder, hashes)
+    try:
+        written_with_manifests = read_json(folder / TRAINER_STATE, "loop state").get("checkpoint_format", 1) >= 2
+    except (TetraError, AttributeError):
+        return [f"{folder / TRAINER_STATE} is unreadable"]
+    return [f"{folder / MANIFEST} is missing (the save did not finish)"] if written_with_manifests else []
 
 
 def newest_sound_checkpoint(run_dir: Path, hashes: bool = True) -> tuple[Path | None, dict[Path, list[str]]]:

@@ -33,6 +33,7 @@ from tetra.train.torch_strategies import full_tensor
 
 TRAINER_STATE = "trainer_state.json"
 STEP_FOLDER = re.compile(r"^step-(\d+)$")
+MANIFEST_FORMAT = 2  # trainer_state.json's checkpoint_format from which a manifest must be present
 Write = Callable[[], Path]
 
 
@@ -100,7 +101,7 @@ def _write_weights(model: Transformer, folder: Path, tokenizer_from: Path | None
 def _write_loop_files(folder: Path, step: int, state: dict[str, Any], config_toml: str,
                       rng: dict[str, torch.Tensor]) -> None:
     write_tensors(rng, folder, stem="rng")
-    write_json(folder / TRAINER_STATE, {"step": step, **state})
+    write_json(folder / TRAINER_STATE, {"step": step, "checkpoint_format": MANIFEST_FORMAT, **state})
     (folder / "config.toml").write_text(config_toml, encoding="utf-8")
 
 
