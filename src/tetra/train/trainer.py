@@ -155,9 +155,9 @@ def _run_steps(loop: Loop, run: RunState, run_dir: Path, throughput: Throughput,
             positions = loop.positions(run.step)
             if verdict == "skip":
                 loop.discard()
-                _warn(main, f"step {run.step + 1}: non-finite loss {step_loss.loss} / gradient norm {grad_norm}; "
-                      f"update skipped ({health.in_row} in a row, {health.skipped} in all); it read data positions "
-                      f"{positions.start}-{positions.stop - 1}")
+                _warn(main, f"step {run.step + 1}: a non-finite loss or gradient norm on some rank (here loss "
+                      f"{step_loss.loss}, gradient norm {grad_norm}); update skipped ({health.in_row} in a row, "
+                      f"{health.skipped} in all); it read data positions {positions.start}-{positions.stop - 1}")
             else:
                 loop.apply()
             run.step += 1
