@@ -39,7 +39,7 @@ from tetra.parallel.gemm_layout import (
     weight_grad_gemm,
 )
 from tetra.parallel.grid import GridShape, ProcessGrid
-from tetra.parallel.launch import free_port
+from tetra.parallel.launch import end_process_group, free_port
 from tetra.parallel.parallelize import linear_block_shapes, parallelize
 from tetra.train.replica import Replica
 
@@ -159,7 +159,7 @@ def main() -> None:
     baseline = results["all [out, in]"]
     for name, seconds in results.items():
         print(f"{name:>14}: {1000 * seconds:9.1f} ms  {baseline / seconds:5.2f}x vs all [out, in]")
-    dist.destroy_process_group()
+    end_process_group()
 
 
 if __name__ == "__main__":

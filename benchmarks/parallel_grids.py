@@ -19,7 +19,7 @@ import torch.distributed as dist
 from step_timing import time_steps
 from tetra.model import ModelConfig, Transformer
 from tetra.parallel.grid import ProcessGrid
-from tetra.parallel.launch import spawn_collect
+from tetra.parallel.launch import end_process_group, spawn_collect
 from tetra.parallel.parallelize import parallelize
 from tetra.parallel.planner import valid_grids
 from tetra.train.replica import Replica
@@ -94,7 +94,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
     if rank == 0:
         with open(out_path, "w") as handle:
             json.dump(rows, handle)
-    dist.destroy_process_group()
+    end_process_group()
 
 
 def measure_grids(args: argparse.Namespace) -> list[dict]:

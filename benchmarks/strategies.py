@@ -19,7 +19,7 @@ from step_timing import peak_rss_mb, time_steps
 from tetra.config import TrainConfig
 from tetra.model import ModelConfig, Transformer
 from tetra.parallel.grid import GridShape, ProcessGrid
-from tetra.parallel.launch import spawn_collect
+from tetra.parallel.launch import end_process_group, spawn_collect
 from tetra.parallel.parallelize import parallelize
 from tetra.train.optim import build_optimizer
 from tetra.train.replica import Replica
@@ -76,7 +76,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, strategy:
                        "step_ms": 1000 * seconds,
                        "state_mb": float(result[0]), "rss_growth_mb": float(result[1]),
                        "parameters": config.num_parameters()}, handle)
-    dist.destroy_process_group()
+    end_process_group(model)
 
 
 def label(row: dict) -> str:

@@ -22,8 +22,8 @@ from tetra.config import build_run_config
 from tetra.data.prepare import prepare_data
 from tetra.data.sources import iter_documents
 from tetra.data.tokenizer import train_bpe
-from tetra.train.metrics import flops_per_token, peak_flops
 from tetra.train.loop import build_loop
+from tetra.train.metrics import flops_per_token, peak_flops
 
 
 def parse_args() -> argparse.Namespace:

@@ -18,6 +18,7 @@ from tetra.model import ModelConfig, Transformer
 from tetra.parallel.collectives import all_reduce
 from tetra.parallel.gemm_layout import OUT_IN
 from tetra.parallel.grid import GridShape, ProcessGrid
+from tetra.parallel.launch import end_process_group
 from tetra.parallel.parallelize import (
     clip_global_grad_norm,
     full_state_dict,
@@ -149,13 +150,15 @@ def run_cases(check, rank: int, world: int, port: int, cases: list, out_path: st
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    succeeded = False
     try:
         results = [check(*case) for case in cases]
         if rank == 0:
             with open(out_path, "w") as handle:
                 json.dump(results, handle)
+        succeeded = True
     finally:
-        dist.destroy_process_group()
+        end_process_group(wait_for_peers=succeeded)
 
 
 def check_grids(rank: int, world: int, port: int, cases: list, out_path: str) -> None:

@@ -32,11 +32,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config, explicit_model = load_run_config(args.config, args.overrides)
+    succeeded = False
     try:
         result = train(config, explicit_model, resume=args.resume, show_progress=not args.no_progress)
         main = is_main_rank()  # asked before the process group is gone
+        succeeded = True
     finally:
-        stop_distributed()
+        stop_distributed(succeeded)
     if not main:
         return 0
     summary = {"run_dir": str(result.run_dir), "step": result.step, "loss": result.last_loss,

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from tetra.devices import measured_gemm_flops, synchronize, timing_input
-from tetra.parallel.launch import spawn_collect
+from tetra.parallel.launch import end_process_group, spawn_collect
 
 GEMM_SIZES = (512, 1024, 2048)
 MESSAGE_BYTES = (1 << 20, 1 << 24)  # 1 MiB and 16 MiB
@@ -69,7 +69,7 @@ def _collective_worker(rank: int, world: int, port: int, backend: str, out: str)
     if rank == 0:
         with open(out, "w") as handle:
             json.dump(rows, handle)
-    dist.destroy_process_group()
+    end_process_group()
 
 
 def _synchronized(operation, device: torch.device):

@@ -1,11 +1,12 @@
-"""Starting a local group of processes (tests, benchmarks, calibration): a free port and a spawn that returns what
-rank 0 wrote.
+"""Starting and ending a group of processes (training, tests, benchmarks, calibration): a free port, a spawn that
+returns what rank 0 wrote, and the teardown every rank runs last.
 
-Entry points: free_port() and spawn_collect(function, processes, *arguments).
+Entry points: free_port(), spawn_collect(function, processes, *arguments), end_process_group(*models).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -13,7 +14,9 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 
 def free_port() -> int:
@@ -31,3 +34,27 @@ def spawn_collect(function: Callable[..., None], processes: int, *arguments: Any
         mp.spawn(function, args=(processes, free_port(), *arguments, out), nprocs=processes, join=True)
         with open(out) as handle:
             return json.load(handle)
+
+
+def end_process_group(*models: nn.Module, wait_for_peers: bool = True) -> None:
+    """Tear down so that no collective is in flight and no gloo thread outlives the interpreter's shutdown.
+
+    gloo's worker threads keep each finished operation (and its tensors) a moment after wait() returns; when the
+    last reference to such a tensor drops during interpreter shutdown, the thread blocks on the GIL, Python ends it
+    with pthread_exit, and the process dies with SIGABRT ("terminate called without an active exception"). So:
+    finish every model's overlapped collectives (prefetched gathers, gradient buckets), meet every rank at a
+    barrier, destroy the groups (which waits for pending work and shuts the backends down), then collect garbage
+    while the interpreter is whole. wait_for_peers=False (after an error on this rank alone) skips the barrier,
+    which peers busy elsewhere would never reach: they see this rank leave instead."""
+    if not dist.is_initialized():
+        return
+    for model in models:
+        schedule = getattr(model, "comm_schedule", None)
+        if schedule is not None:
+            schedule.finish()
+    try:
+        if wait_for_peers:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+        gc.collect()

@@ -15,6 +15,7 @@ from tetra.config import RunConfig
 from tetra.devices import resolve_device
 from tetra.errors import ConfigError
 from tetra.parallel.grid import GridShape, ProcessGrid
+from tetra.parallel.launch import end_process_group
 
 
 def launched_world_size() -> int:
@@ -47,9 +48,9 @@ def start_distributed(config: RunConfig) -> tuple[ProcessGrid | None, torch.devi
     return ProcessGrid.build(shape), device
 
 
-def stop_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def stop_distributed(succeeded: bool = True) -> None:
+    """After a run: a clean teardown when every rank finished; after an error, leave without waiting for peers."""
+    end_process_group(wait_for_peers=succeeded)
 
 
 def is_main_rank() -> bool:
