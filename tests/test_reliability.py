@@ -4,6 +4,7 @@ every kind of point of a save, a damaged newest checkpoint, damaged data, SIGUSR
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,13 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train import run_config, run_values
+from test_train import run_config, run_values, wait_for_metrics
 from tetra.cli import main
 from tetra.config import dump_toml
+from tetra.data.batch import as_batch
 from tetra.errors import CheckpointError, DataError
 from tetra.model.safetensors_io import read_tensors
 from tetra.train import trainer
 from tetra.train.checkpoint import list_checkpoints, newest_sound_checkpoint
+from tetra.train.loop import build_loop
 from tetra.train.metrics import read_metrics
 
 WORKER = Path(__file__).parent / "fault_worker.py"
@@ -130,11 +133,9 @@ def test_sigusr1_checkpoints_and_training_goes_on(prepared_data, tmp_path):
     (tmp_path / "run.toml").write_text(config.to_toml())
     process = subprocess.Popen([sys.executable, "-m", "tetra", "train", str(tmp_path / "run.toml"), "--no-progress"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
-        time.sleep(0.2)
+    wait_for_metrics(tmp_path / "run", 2)
     process.send_signal(signal.SIGUSR1)
+    deadline = time.time() + 120
     while not list_checkpoints(tmp_path / "run") and time.time() < deadline:
         time.sleep(0.2)
     first = list_checkpoints(tmp_path / "run")
@@ -148,7 +149,8 @@ def test_sigusr1_checkpoints_and_training_goes_on(prepared_data, tmp_path):
     assert len(stops) == 2 and int(stops[1].name[5:]) > int(first[0].name[5:])  # it kept training, then stopped
 
 
-def _inject(monkeypatch, steps: set[int], value: float) -> None:
+def inject_loss(monkeypatch, steps: set[int], value: float) -> None:
+    """The loss of these (0-based) steps reads `value` in this process, as an overflow would make it."""
     real_compute = trainer.Loop.compute
 
     def compute(self, step):
@@ -161,7 +163,7 @@ def _inject(monkeypatch, steps: set[int], value: float) -> None:
 
 
 def test_skip_policy_drops_the_update_and_counts_it(prepared_data, tmp_path, monkeypatch, capsys):
-    _inject(monkeypatch, {2}, float("nan"))
+    inject_loss(monkeypatch, {2}, float("nan"))
     run_dir = tmp_path / "run"
     config, explicit = run_config(prepared_data, run_dir, train={"on_nonfinite": "skip"},
                                   run={"checkpoint_every": 1, "keep_checkpoints": 10})
@@ -181,7 +183,7 @@ def test_skip_policy_drops_the_update_and_counts_it(prepared_data, tmp_path, mon
 
 
 def test_skip_policy_stops_after_too_many_in_a_row(prepared_data, tmp_path, monkeypatch):
-    _inject(monkeypatch, {1, 2, 3, 4, 5}, float("inf"))
+    inject_loss(monkeypatch, {1, 2, 3, 4, 5}, float("inf"))
     config, explicit = run_config(prepared_data, tmp_path / "run",
                                   train={"on_nonfinite": "skip", "max_nonfinite_skips": 2})
     with pytest.raises(trainer.NonFiniteLossError, match="became inf at step 4 .*3 non-finite steps in a row"):
@@ -189,7 +191,7 @@ def test_skip_policy_stops_after_too_many_in_a_row(prepared_data, tmp_path, monk
 
 
 def test_a_loss_spike_is_reported_with_its_data_positions(prepared_data, tmp_path, monkeypatch, capsys):
-    _inject(monkeypatch, {4}, 50.0)
+    inject_loss(monkeypatch, {4}, 50.0)
     run_dir = tmp_path / "run"
     config, explicit = run_config(prepared_data, run_dir, train={"spike_sigmas": 4.0, "spike_window": 3})
     trainer.train(config, explicit, show_progress=False)
@@ -198,6 +200,13 @@ def test_a_loss_spike_is_reported_with_its_data_positions(prepared_data, tmp_pat
     spikes = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss_spike" in r]
     assert [r["step"] for r in spikes] == [5] and spikes[0]["loss_spike"]["data_positions"] == [8, 9]
     assert spikes[0]["loss_spikes"] == 1
+
+    # the warning's command shows exactly the sequences the step read
+    assert f"tetra data inspect {run_dir} --position 8" in err
+    assert main(["data", "inspect", str(run_dir), "--position", "8", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    loop, _ = build_loop(config, explicit)
+    assert shown["ids"] == as_batch(loop.train_batches.batch(8)).tokens.tolist() and len(shown["text"]) == 4
 
 
 def test_damaged_data_is_caught_by_size_at_open_and_by_hash_on_request(prepared_data, tmp_path, capsys):
@@ -213,3 +222,8 @@ def test_damaged_data_is_caught_by_size_at_open_and_by_hash_on_request(prepared_
     (copy / "val-00000.bin").write_bytes(b"")
     with pytest.raises(DataError, match="truncated or damaged.*val-00000.bin has 0 bytes"):
         PreparedData.open(copy)
+
+
+def test_inspecting_a_position_needs_a_run_folder(prepared_data, capsys):
+    assert main(["data", "inspect", str(prepared_data), "--position", "3"]) == 2
+    assert "is not a training run folder" in capsys.readouterr().err

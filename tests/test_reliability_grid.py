@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from test_reliability import STEPS, WORKER, losses
-from test_train import run_config, run_values
+from test_reliability import STEPS, WORKER, inject_loss, losses
+from test_train import run_config, run_values, wait_for_metrics
 from tetra.config import dump_toml
 from tetra.parallel.launch import free_port
 from tetra.train import trainer
 from tetra.train.checkpoint import list_checkpoints, newest_sound_checkpoint
+from tetra.train.distributed import Launch
 from tetra.train.metrics import read_metrics
 
 GRID = ("parallel.row=2", "parallel.gemm_layout=out_in")
@@ -91,6 +92,37 @@ def test_sigterm_to_torchrun_saves_one_consistent_checkpoint(prepared_data, tmp_
     assert_equal_losses(losses(resumed), {s: v for s, v in losses(reference.run_dir).items() if s > stopped_at})
 
 
+def test_launch_is_read_from_torchrun_or_srun():
+    assert Launch.from_environment({}) == Launch(0, 1, 0)
+    srun = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1"}
+    assert Launch.from_environment(srun) == Launch(5, 8, 1)
+    assert Launch.from_environment({**srun, "RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "2"}) == Launch(2, 4, 2)
+    assert Launch.from_environment({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1"}) == Launch(0, 1, 0)
+
+
+def test_preempted_srun_tasks_save_together_and_all_exit_zero(prepared_data, tmp_path):
+    """Slurm's srun with one task per rank (no torchrun): every task gets SIGTERM before the time limit, they
+    save one checkpoint together, and every process of the job exits 0."""
+    long = {"train": {"max_steps": 400, "warmup_steps": 2}, "run": {"checkpoint_every": 0, "log_every": 1}}
+    config_path = write_config(prepared_data, tmp_path, "srun", **long)
+    port = str(free_port())
+    base = {key: value for key, value in os.environ.items() if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    tasks = [subprocess.Popen([sys.executable, "-m", "tetra", "train", str(config_path), "--no-progress", *GRID],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**base, "SLURM_PROCID": str(rank), "SLURM_STEP_NUM_TASKS": "2",
+                                   "SLURM_LOCALID": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+             for rank in range(2)]
+    wait_for_metrics(tmp_path / "srun", 3)
+    for task in tasks:
+        task.send_signal(signal.SIGTERM)
+    ends = [task.communicate(timeout=120) for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], [err[-2000:] for _, err in ends]
+    assert "stopped by SIGTERM" in ends[0][1]
+    saved = list_checkpoints(tmp_path / "srun")
+    assert len(saved) == 1 and (saved[0] / "shards" / ".metadata").is_file()
+    assert int(saved[0].name[5:]) == max(losses(tmp_path / "srun"))
+
+
 def test_a_nan_on_one_rank_is_skipped_by_every_rank(prepared_data, tmp_path, monkeypatch):
     """Rank 1 alone sees a NaN loss at step 3: the ranks agree, all skip that update, and the run goes on equal
     to one process that skipped the same step."""
@@ -99,15 +131,7 @@ def test_a_nan_on_one_rank_is_skipped_by_every_rank(prepared_data, tmp_path, mon
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 3: a non-finite loss or gradient norm on some rank" in result.stderr
 
-    real_compute = trainer.Loop.compute
-
-    def compute(self, step):
-        step_loss, grad_norm = real_compute(self, step)
-        if step == 2:
-            step_loss.loss = float("nan")
-        return step_loss, grad_norm
-
-    monkeypatch.setattr(trainer.Loop, "compute", compute)
+    inject_loss(monkeypatch, {2}, float("nan"))
     one = trainer.train(*run_config(prepared_data, tmp_path / "one", **skip), show_progress=False)
     assert_equal_losses(losses(tmp_path / "grid"), losses(one.run_dir))
     skipped = [r["step"] for r in read_metrics(tmp_path / "grid" / "metrics.jsonl") if r.get("skipped")]

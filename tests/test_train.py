@@ -135,15 +135,9 @@ def test_keeps_only_the_newest_checkpoints_and_saves_atomically(prepared_data, t
 
 
 def test_non_finite_loss_stops_with_the_last_good_checkpoint(prepared_data, tmp_path, monkeypatch):
-    real_step = trainer.Loop.compute
+    from test_reliability import inject_loss
 
-    def step_with_overflow(self, step):
-        loss, norm = real_step(self, step)
-        if step == 4:
-            loss.loss = float("nan")
-        return loss, norm
-
-    monkeypatch.setattr(trainer.Loop, "compute", step_with_overflow)
+    inject_loss(monkeypatch, {4}, float("nan"))
     config, explicit = run_config(prepared_data, tmp_path / "run")
     with pytest.raises(trainer.NonFiniteLossError, match="became nan at step 5.*step-0000003.*--resume auto"):
         trainer.train(config, explicit, show_progress=False)
@@ -196,16 +190,21 @@ def test_fine_tune_a_hugging_face_folder_and_load_it_back(prepared_data, tmp_pat
     assert type(tuned).__name__ == "Qwen2ForCausalLM"
 
 
+def wait_for_metrics(run_dir: Path, lines: int, timeout: float = 120) -> None:
+    """Until a run started in another process has logged `lines` metrics records (or the timeout passes)."""
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while not (metrics.exists() and metrics.read_text().count("\n") >= lines) and time.time() < deadline:
+        time.sleep(0.1)
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(prepared_data, tmp_path):
     config_path = tmp_path / "run.toml"
     config, _ = run_config(prepared_data, tmp_path / "run", train={"max_steps": 100000, "warmup_steps": 10})
     config_path.write_text(config.to_toml())
     process = subprocess.Popen([sys.executable, "-m", "tetra", "train", str(config_path)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
-        time.sleep(0.2)
+    wait_for_metrics(tmp_path / "run", 2)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err

@@ -37,6 +37,7 @@ GENERATE_EXAMPLES = """examples:
 """
 INSPECT_EXAMPLES = """examples:
   tetra data inspect data/sft --records 3          (each token beside 1 = trained, . = not trained)
+  tetra data inspect runs/run --position 1204      (what the run trained on at a loss spike's data position)
 """
 
 
@@ -71,7 +72,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prepare.set_defaults(handler=run)
     inspect = actions.add_parser("inspect", help="print a prepared dataset's tokens beside their loss mask",
                                  epilog=INSPECT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    inspect.add_argument("folder", help="a folder written by `tetra data prepare`")
+    inspect.add_argument("folder", help="a folder written by `tetra data prepare`, or with --position a run folder")
+    inspect.add_argument("--position", type=int,
+                         help="show the sequences a training run read at this data position (micro-batch index, as "
+                              "a loss-spike warning names it); FOLDER is then the run folder")
     inspect.add_argument("--records", type=int, default=3, help="how many documents to show")
     inspect.add_argument("--split", default="train", choices=["train", "val"])
     inspect.add_argument("--json", action="store_true", help="print the records as JSON")
@@ -178,7 +182,26 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_inspect_position(args: argparse.Namespace) -> int:
+    """The sequences of a run's micro-batch at a data position (a loss spike's warning names them)."""
+    from tetra.data.tokenizer import TextTokenizer
+    from tetra.train.loop import global_micro_batch
+
+    batch, data = global_micro_batch(Path(args.folder), args.position)
+    tokenizer = TextTokenizer.load(data.tokenizer_folder)
+    rows = [tokenizer.decode(row.tolist(), skip_special_tokens=False) for row in batch.tokens]
+    if args.json:
+        print_json({"position": args.position, "ids": batch.tokens.tolist(), "text": rows})
+        return 0
+    for number, text in enumerate(rows):
+        print(f"--- position {args.position}, sequence {number} ({batch.tokens.shape[1]} tokens)")
+        print(text)
+    return 0
+
+
 def run_inspect(args: argparse.Namespace) -> int:
+    if args.position is not None:
+        return run_inspect_position(args)
     records = inspect_records(args.folder, args.records, args.split)
     if args.json:
         print_json([{"tokens": [piece for piece, _, _ in record], "ids": [token for _, token, _ in record],

@@ -1,4 +1,5 @@
-"""Joining a torchrun launch: the process group (NCCL on GPUs, gloo on CPUs), this rank's device, and the grid.
+"""Joining a launch (torchrun, or srun with one task per rank): the process group (NCCL on GPUs, gloo on CPUs),
+this rank's device, and the grid.
 
 Entry points: start_distributed(config) -> (grid or None, device) and stop_distributed().
 """
@@ -6,6 +7,8 @@ Entry points: start_distributed(config) -> (grid or None, device) and stop_distr
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -18,14 +21,34 @@ from tetra.parallel.grid import GridShape, ProcessGrid
 from tetra.parallel.launch import end_process_group
 
 
+@dataclass(frozen=True)
+class Launch:
+    """Where this process stands in its launch: torchrun's RANK / WORLD_SIZE / LOCAL_RANK, or, started by Slurm's
+    srun with one task per rank (no torchrun in between), SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID. Under
+    srun each rank receives Slurm's SIGTERM itself, so a preempted job's every process exits 0."""
+
+    rank: int
+    world: int
+    local_rank: int
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> Launch:
+        if "WORLD_SIZE" in environ or int(environ.get("SLURM_STEP_NUM_TASKS", "1")) < 2:
+            return cls(int(environ.get("RANK", "0")), int(environ.get("WORLD_SIZE", "1")),
+                       int(environ.get("LOCAL_RANK", "0")))
+        return cls(int(environ["SLURM_PROCID"]), int(environ["SLURM_STEP_NUM_TASKS"]),
+                   int(environ.get("SLURM_LOCALID", "0")))
+
+
 def launched_world_size() -> int:
-    """Processes in this launch (torchrun sets WORLD_SIZE); 1 when run directly."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """Processes in this launch; 1 when run directly."""
+    return Launch.from_environment().world
 
 
 def start_distributed(config: RunConfig) -> tuple[ProcessGrid | None, torch.device]:
     """None for a plain single-process run; otherwise the grid over every launched process."""
-    world = launched_world_size()
+    launch = Launch.from_environment()
+    world = launch.world
     parallel = config.parallel
     wants_grid = world > 1 or any(getattr(parallel, name) > 1 for name in ("data", "depth", "row", "col"))
     device = resolve_device(config.run.device)
@@ -33,17 +56,17 @@ def start_distributed(config: RunConfig) -> tuple[ProcessGrid | None, torch.devi
         return None, device
     shape = GridShape.infer(world, parallel.data, parallel.depth, parallel.row, parallel.col)
     if device.type == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", launch.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         if world > 1 and "MASTER_ADDR" not in os.environ:
-            raise ConfigError("WORLD_SIZE is set but MASTER_ADDR is not: launch with torchrun "
-                              "(torchrun --nproc-per-node N -m tetra train CONFIG ...).")
+            raise ConfigError(f"This is one of {world} launched processes, but MASTER_ADDR is not set: launch with "
+                              "torchrun (torchrun --nproc-per-node N -m tetra train CONFIG ...), or under srun "
+                              "export MASTER_ADDR (the first node) and MASTER_PORT in the batch script.")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                rank=int(os.environ.get("RANK", "0")), world_size=world,
+                                rank=launch.rank, world_size=world,
                                 timeout=timedelta(minutes=30))
     return ProcessGrid.build(shape), device
 

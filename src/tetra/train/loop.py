@@ -1,14 +1,13 @@
 """What one training step needs, built once: data, model (parallelized, adapted), optimizer, precision; and the
 step itself, split so the loop can check it before the update lands.
 
-Entry point: build_loop(config, explicit_model) -> (Loop, tokenizer folder).
+Entry points: build_loop(config, explicit_model) -> (Loop, tokenizer folder); global_micro_batch(run_dir, position).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +18,16 @@ import torch
 from tetra.adapters.lora import apply_lora, store_frozen_weights_in, train_added_token_rows
 from tetra.adapters.peft_io import check_peft_names
 from tetra.config import RunConfig
-from tetra.data.batch import as_batch
+from tetra.data.batch import Batch, as_batch
 from tetra.data.loader import PackedBatches
 from tetra.data.packing import DocumentBatches
 from tetra.data.shards import PreparedData
-from tetra.errors import ConfigError
+from tetra.errors import ConfigError, DataError
 from tetra.model import Transformer
 from tetra.model.io import read_model_config
 from tetra.parallel.parallelize import parallelize
 from tetra.parallel.zero import ZeroOptimizer
-from tetra.train.distributed import is_main_rank, launched_world_size, start_distributed
+from tetra.train.distributed import Launch, is_main_rank, launched_world_size, start_distributed
 from tetra.train.losses import IGNORE_INDEX
 from tetra.train.neftune import attach_neftune
 from tetra.train.optim import build_optimizer, lr_at, set_lr
@@ -150,7 +149,7 @@ def _with_auto_grid(config: RunConfig, explicit_model: dict[str, Any], data: Pre
     else:
         model_config = resolve_model_config(config, explicit_model, data)
     config, summary = auto_grid(config, model_config, launched_world_size())
-    if int(os.environ.get("RANK", "0")) == 0:  # the process group does not exist yet
+    if Launch.from_environment().rank == 0:  # the process group does not exist yet
         sys.stderr.write(summary + "\n")
     return config
 
@@ -205,3 +204,24 @@ def build_loop(config: RunConfig, explicit_model: dict[str, Any]) -> tuple[Loop,
     loop = Loop(config, model, forward_model, optimizer, train_batches, val_batches, autocast_dtype, precision_reason,
                 device, replica, gemm_layouts)
     return loop, tokenizer_folder
+
+
+def global_micro_batch(run_dir: Path, position: int) -> tuple[Batch, PreparedData]:
+    """The whole micro-batch a run read at a data position: every batch rank's rows, in rank order (a rank reads
+    rows [r*B, (r+1)*B) of what one process with all the rows would). What a loss-spike warning points at."""
+    from tetra.config import load_run_config
+    from tetra.files import read_json
+
+    if not (run_dir / "config.toml").is_file() or not (run_dir / "run_info.json").is_file():
+        raise DataError(f"{run_dir} is not a training run folder (no config.toml / run_info.json). Pass the folder "
+                        "`tetra train` wrote (its run.dir).")
+    if position < 0:
+        raise DataError(f"--position must be 0 or more (got {position}).")
+    config, _ = load_run_config(run_dir / "config.toml")
+    grid = read_json(run_dir / "run_info.json", "run description").get("grid") or {}
+    ranks = max(grid.get("data", 1), 1) * max(grid.get("depth", 1), 1)
+    whole = dataclasses.replace(config, train=dataclasses.replace(config.train,
+                                                                  batch_size=config.train.batch_size * ranks))
+    data = PreparedData.open(config.data.path)
+    batches, _ = _open_batches(whole, data, Replica(None))
+    return as_batch(batches.batch(position)), data

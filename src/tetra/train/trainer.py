@@ -175,7 +175,8 @@ def _run_steps(loop: Loop, run: RunState, run_dir: Path, throughput: Throughput,
                     _warn(main, f"loss spike at step {step}: {step_loss.loss:.4f} against a recent mean of "
                           f"{spike[0]:.4f} (deviation {spike[1]:.4f}); the step read data positions "
                           f"{positions.start}-{positions.stop - 1} (epoch "
-                          f"{loop.train_batches.epoch_of(positions.start):.3f}), recorded in metrics.jsonl")
+                          f"{loop.train_batches.epoch_of(positions.start):.3f}); see them with `tetra data inspect "
+                          f"{run_dir} --position {positions.start}`")
             else:
                 record["skipped"] = True
             if step % config.run.log_every == 0 or step == config.train.max_steps:
