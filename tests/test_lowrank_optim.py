@@ -99,3 +99,32 @@ def test_settings_they_cannot_run_with_are_named(tmp_path, capsys):
     assert "train.optimizer = 'adafactor'" in capsys.readouterr().err
     assert main(["train", str(config), "--no-progress", "train.optimizer=conda", "parallel.zero1=true"]) == 2
     assert "no zero1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("optimizer", ["galore", "conda"])
+def test_data_parallel_training_equals_one_process(tmp_path, optimizer):
+    """Under torch DDP (2 gloo ranks, 2 sequences each) the projected optimizers see the averaged gradient, so the
+    losses equal one process with the whole batch of 4."""
+    import subprocess
+    import sys
+
+    from tetra.parallel.launch import free_port
+
+    data = tmp_path / "data"
+    assert main(["data", "arithmetic", "--max-digits", "3", "--examples", "300", "--out", str(data)]) == 0
+    config = tmp_path / "run.toml"
+    config.write_text(f'[data]\npath = "{data}"\nseq_len = 32\n[model]\nhidden_size = 32\nn_layers = 2\n'
+                      f'n_heads = 2\n[train]\nmax_steps = 5\nbatch_size = 2\ngrad_accum = 2\nwarmup_steps = 1\n'
+                      f'precision = "fp32"\noptimizer = "{optimizer}"\ngalore_rank = 4\nprojection_interval = 2\n'
+                      '[eval]\nevery = 0\n[run]\nlog_every = 1\ncheckpoint_every = 0\n')
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(free_port()), "-m", "tetra", "train", str(config), "--no-progress",
+                          f"run.dir={tmp_path / 'ddp'}", "parallel.strategy=ddp"],
+                         capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert main(["train", str(config), "--no-progress", f"run.dir={tmp_path / 'one'}", "train.batch_size=4"]) == 0
+
+    def losses(run: str) -> list[float]:
+        return [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    assert losses("ddp") == pytest.approx(losses("one"), rel=1e-4) and len(losses("one")) == 5
