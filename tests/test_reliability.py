@@ -149,6 +149,23 @@ def test_sigusr1_checkpoints_and_training_goes_on(prepared_data, tmp_path):
     assert len(stops) == 2 and int(stops[1].name[5:]) > int(first[0].name[5:])  # it kept training, then stopped
 
 
+def fail_the_second_save(monkeypatch) -> None:
+    """The second checkpoint's optimizer file cannot be written: the disk is full."""
+    from tetra.train import checkpoint_write
+
+    calls = {"n": 0}
+    real_write = checkpoint_write.write_tensors
+
+    def failing_write(tensors, folder, stem="model", **options):
+        if stem == "optimizer":
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise OSError("disk full")
+        return real_write(tensors, folder, stem, **options)
+
+    monkeypatch.setattr(checkpoint_write, "write_tensors", failing_write)
+
+
 def inject_loss(monkeypatch, steps: set[int], value: float) -> None:
     """The loss of these (0-based) steps reads `value` in this process, as an overflow would make it."""
     real_compute = trainer.Loop.compute
@@ -227,3 +244,14 @@ def test_damaged_data_is_caught_by_size_at_open_and_by_hash_on_request(prepared_
 def test_inspecting_a_position_needs_a_run_folder(prepared_data, capsys):
     assert main(["data", "inspect", str(prepared_data), "--position", "3"]) == 2
     assert "is not a training run folder" in capsys.readouterr().err
+
+
+def test_a_failed_background_save_stops_the_run_and_keeps_the_previous_checkpoint(prepared_data, tmp_path,
+                                                                                  monkeypatch):
+    fail_the_second_save(monkeypatch)
+    run_dir = tmp_path / "run"
+    config, explicit = run_config(prepared_data, run_dir, run={**STEPS["run"], "async_checkpoint": True})
+    with pytest.raises(OSError, match="disk full"):  # raised in the training thread at the next save
+        trainer.train(config, explicit, show_progress=False)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-0000002"]
+    assert main(["checkpoint", "verify", str(run_dir)]) == 0

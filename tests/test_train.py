@@ -113,19 +113,9 @@ def test_keeps_only_the_newest_checkpoints_and_saves_atomically(prepared_data, t
     trainer.train(config, explicit, show_progress=False)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0000005", "step-0000006"]
 
-    from tetra.train import checkpoint_write
+    from test_reliability import fail_the_second_save
 
-    calls = {"n": 0}
-    real_write = checkpoint_write.write_tensors
-
-    def failing_write(tensors, folder, stem="model", **options):
-        if stem == "optimizer":
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise OSError("disk full")
-        return real_write(tensors, folder, stem, **options)
-
-    monkeypatch.setattr(checkpoint_write, "write_tensors", failing_write)
+    fail_the_second_save(monkeypatch)
     config, explicit = run_config(prepared_data, tmp_path / "failing", run={"checkpoint_every": 2})
     with pytest.raises(OSError, match="disk full"):
         trainer.train(config, explicit, show_progress=False)
