@@ -34,7 +34,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 def test_two_processes_match_one_and_checkpoints_move_between_grids(prepared_data, tmp_path):
     single = trainer.train(*run_config(prepared_data, tmp_path / "single", **OVERRIDES), show_progress=False)
     (tmp_path / "grid.toml").write_text(dump_toml(run_values(prepared_data, tmp_path / "grid", **OVERRIDES)))
-    _torchrun(tmp_path / "grid.toml", "parallel.row=2", "parallel.gemm_layout=in_out")
+    _torchrun(tmp_path / "grid.toml", "parallel.row=2", "parallel.gemm_layout=in_out", "run.export_hf=true")
     expected, actual = _losses(single.run_dir), _losses(tmp_path / "grid")
     assert sorted(actual) == [1, 2, 3, 4]
     for step, loss in expected.items():
@@ -56,6 +56,9 @@ def test_two_processes_match_one_and_checkpoints_move_between_grids(prepared_dat
 
     assert main(["convert", "to-hf", str(tmp_path / "grid" / "checkpoints" / "step-0000004"),
                  str(tmp_path / "hf")]) == 0
+    from test_hf_export import same_files
+
+    same_files(tmp_path / "hf", tmp_path / "grid" / "hf")  # run.export_hf: the same folder, streamed at the end
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf").config.hidden_size == 32

@@ -166,6 +166,7 @@ class RunSection:
     checkpoint_every: int = 500  # steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 3  # newest checkpoints kept; older ones are deleted
     async_checkpoint: bool = False  # write checkpoints in a background thread from an in-memory snapshot
+    export_hf: bool = False  # at the end, write RUN/hf (a Hugging Face folder) from the final checkpoint, streamed
     device: str = "auto"  # auto | cpu | cuda
 
 

@@ -7,6 +7,7 @@ Entry point: register(subparsers).
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import tempfile
 from pathlib import Path
@@ -20,7 +21,10 @@ from tetra.devices import resolve_dtype
 from tetra.errors import CheckpointError, ConfigError
 from tetra.files import is_gguf_file
 from tetra.model import Transformer
-from tetra.model.io import load_model, save_hf_model, save_model
+from tetra.model.checkpoint_tensors import CheckpointTensors
+from tetra.model.hf_export import export_hf_streaming
+from tetra.model.io import TETRA_CONFIG, load_model, save_hf_model, save_model
+from tetra.model.sharded_io import has_shards
 
 EXAMPLES = """examples:
   tetra convert from-hf ./Qwen2.5-0.5B ./checkpoints/qwen-0.5b
@@ -84,21 +88,34 @@ def _from_gguf(args: argparse.Namespace, dtype: torch.dtype | None) -> tuple[Tra
     return model, out
 
 
+def is_whole_checkpoint(folder: Path) -> bool:
+    """A tetra checkpoint with all its weights (not a LoRA adapter alone, not a Hugging Face folder)."""
+    return (folder / TETRA_CONFIG).is_file() and ((folder / "model.safetensors").is_file() or
+                                                  (folder / "model.safetensors.index.json").is_file() or
+                                                  has_shards(folder))
+
+
 def run(args: argparse.Namespace) -> int:
     # Conversion only moves tensors, so it runs on the CPU whatever the machine has.
     dtype = resolve_dtype(args.dtype, torch.device("cpu"))
+    parameters = None
     if args.direction == "from-gguf":
         model, out = _from_gguf(args, dtype)
     elif args.direction == "from-hf":
         model = load_model(args.source, dtype=dtype)
         out = save_model(model, args.out, tokenizer_from=args.source, overwrite=args.overwrite)
-    else:  # a LoRA checkpoint (or --adapter) is merged into its base first
+    elif args.adapter is None and is_whole_checkpoint(Path(args.source)):  # streamed: one tensor at a time
+        out = export_hf_streaming(args.source, args.out, parse_size(args.max_shard_size), args.overwrite, dtype)
+        parameters = sum(math.prod(shape) for shape in CheckpointTensors(Path(args.source)).shapes.values())
+    else:  # a LoRA checkpoint (or --adapter) is merged into its base first; a Hugging Face folder re-sharded
         model = load_model_with_adapter(args.source, args.adapter, dtype=dtype)
         out = save_hf_model(model, args.out, tokenizer_from=args.source, overwrite=args.overwrite,
                             max_shard_bytes=parse_size(args.max_shard_size))
+    if parameters is None:
+        parameters = sum(p.numel() for p in model.parameters())
     files = sorted(path.name for path in Path(out).iterdir())
     if args.json:
-        print_json({"out": str(out), "files": files, "parameters": sum(p.numel() for p in model.parameters())})
+        print_json({"out": str(out), "files": files, "parameters": parameters})
     else:
         print(f"wrote {out} ({', '.join(files)})")
     return 0

@@ -1,12 +1,13 @@
 """Hugging Face tensor names <-> tetra tensor names, per family, including GPT-2's transposed and fused layouts.
 
-Entry points: normalize_hf_names, hf_to_tetra_state, tetra_to_hf_state, and hf_module_name / tetra_module_name for
-module-level names (adapters).
+Entry points: normalize_hf_names, hf_to_tetra_state, tetra_to_hf_state (hf_tensor_plan: the same, one tensor at a
+time), and hf_module_name / tetra_module_name for module-level names (adapters).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -103,25 +104,48 @@ def _convert_in(kind: str, target: str, param: str, value: torch.Tensor, state: 
             state[target.replace("{qkv}", head)] = piece.contiguous()
 
 
-def tetra_to_hf_state(family: str, state: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
-    """The inverse of hf_to_tetra_state; a tied head is left out, as transformers itself saves it."""
-    tensors: dict[str, torch.Tensor] = {}
+@dataclass(frozen=True)
+class HfTensor:
+    """One Hugging Face tensor and the tetra tensors it is made of (GPT-2's fused q/k/v takes three)."""
+
+    name: str
+    sources: tuple[str, ...]
+    kind: str
+    param: str  # weight | bias
+
+    def shape(self, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
+        parts = [tuple(shapes[source]) for source in self.sources]
+        shape = (sum(part[0] for part in parts), *parts[0][1:]) if self.kind == FUSED_QKV else parts[0]
+        return tuple(reversed(shape)) if self.kind != COPY and self.param == "weight" else shape
+
+    def build(self, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """The tensor, reading only its own sources."""
+        value = torch.cat([read(source) for source in self.sources]) if self.kind == FUSED_QKV else \
+            read(self.sources[0])
+        return value.t().contiguous() if self.kind != COPY and self.param == "weight" else value
+
+
+def hf_tensor_plan(family: str, names: Iterable[str], tied: bool) -> list[HfTensor]:
+    """The Hugging Face tensors of a tetra state with these names, in the order tetra_to_hf_state gives them; a tied
+    head is left out, as transformers itself saves it."""
+    names = list(names)
+    plan = []
     for rule in RULES[family]:
         source = _pattern(rule.tetra.replace("{qkv}", "q"))
-        for name, value in state.items():
+        for name in names:
             match = source.match(name)
             if not match or (tied and rule.tetra == "head"):
                 continue
             target = rule.hf.replace("{i}", match.groupdict().get("i") or "") + "." + match["param"]
-            if rule.kind == COPY:
-                tensors[target] = value
-            elif rule.kind == TRANSPOSE:
-                tensors[target] = value.t().contiguous() if match["param"] == "weight" else value
-            else:
-                parts = [state[name.replace(".attn.q.", f".attn.{head}.")] for head in "qkv"]
-                fused = torch.cat(parts, dim=0)
-                tensors[target] = fused.t().contiguous() if match["param"] == "weight" else fused
-    return tensors
+            sources = tuple(name.replace(".attn.q.", f".attn.{head}.") for head in "qkv") \
+                if rule.kind == FUSED_QKV else (name,)
+            plan.append(HfTensor(target, sources, rule.kind, match["param"]))
+    return plan
+
+
+def tetra_to_hf_state(family: str, state: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
+    """The inverse of hf_to_tetra_state; a tied head is left out, as transformers itself saves it."""
+    return {tensor.name: tensor.build(state.__getitem__) for tensor in hf_tensor_plan(family, state, tied)}
 
 
 def _few(names: list[str], limit: int = 6) -> str:

@@ -7,6 +7,7 @@ load_weights_into(model, folder).
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -193,11 +194,19 @@ def save_hf_model(model: Transformer, out: str | Path, tokenizer_from: str | Pat
                   max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> Path:
     """Write a folder that transformers.AutoModelForCausalLM.from_pretrained loads (config.json + safetensors)."""
     config = _saved_config(model)
-    hf_config = to_hf_config(config)
     tensors = tetra_to_hf_state(config.family, model_tensors_for_saving(model), config.tie_embeddings)
+    return write_hf_folder(config, lambda staging: write_tensors(tensors, staging, max_shard_bytes=max_shard_bytes),
+                           out, tokenizer_from, overwrite)
+
+
+def write_hf_folder(config: ModelConfig, write_weights: Callable[[Path], object], out: str | Path,
+                    tokenizer_from: str | Path | None, overwrite: bool) -> Path:
+    """config.json, the weights (write_weights fills the staging folder), tokenizer files and generation_config.json,
+    atomically: what transformers.AutoModelForCausalLM.from_pretrained reads."""
+    hf_config = to_hf_config(config)  # refuses what Hugging Face cannot represent, before anything is written
     with atomic_directory(out, overwrite) as staging:
         write_json(staging / HF_CONFIG, hf_config)
-        write_tensors(tensors, staging, max_shard_bytes=max_shard_bytes)
+        write_weights(staging)
         _copy_tokenizer_files(Path(tokenizer_from) if tokenizer_from else None, staging)
         if not (staging / "generation_config.json").exists():
             write_json(staging / "generation_config.json",

@@ -5,6 +5,7 @@ Entry points: has_shards(folder) and read_sharded_tensors(folder, prefix).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,9 @@ def read_sharded_tensors(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
     wanted = {name: item for name, item in sharded_metadata(folder).items() if name.startswith(prefix)}
     state = {name: torch.zeros(tuple(item.size), dtype=item.properties.dtype) for name, item in wanted.items()}
     try:
-        dcp.load(state, checkpoint_id=str(folder / SHARDS), no_dist=True)
+        with warnings.catch_warnings():  # reading in one process is the intent, not an accident
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(folder / SHARDS), no_dist=True)
     except Exception as error:
         raise CheckpointError(f"Reading {folder / SHARDS} failed ({error}); a shard file may be missing.") from None
     return {name.removeprefix(prefix): value for name, value in state.items()}

@@ -20,6 +20,7 @@ import torch
 from tetra.config import RunConfig
 from tetra.errors import TetraError
 from tetra.files import write_json
+from tetra.model.hf_export import export_hf_streaming
 from tetra.train.checkpoint import latest_checkpoint, load_checkpoint
 from tetra.train.checkpoint_write import CheckpointTarget
 from tetra.train.checkpointer import Checkpointer
@@ -200,6 +201,21 @@ def _run_steps(loop: Loop, run: RunState, run_dir: Path, throughput: Throughput,
                 return
 
 
+def _export_hf(checkpoint: Path, out: Path, lora: bool) -> None:
+    """RUN/hf from the final checkpoint (rank 0; the others wait): streamed tensor by tensor, so no rank ever holds
+    the whole model; a LoRA run's adapters are merged into their base."""
+    if is_main_rank():
+        if lora:
+            from tetra.adapters.peft_io import load_model_with_adapter
+            from tetra.model.io import save_hf_model
+
+            save_hf_model(load_model_with_adapter(checkpoint, None), out, tokenizer_from=checkpoint, overwrite=True)
+        else:
+            export_hf_streaming(checkpoint, out, overwrite=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def train(config: RunConfig, explicit_model: dict[str, Any], resume: str | None = None,
           show_progress: bool = True) -> TrainResult:
     """Run (or resume) training as configured; the run folder gets config.toml, metrics.jsonl, checkpoints, loss.png.
@@ -241,6 +257,8 @@ def train(config: RunConfig, explicit_model: dict[str, Any], resume: str | None 
             run.saved = save(run.step, run.loss, wait=True)
     finally:
         checkpointer.close()  # a save in flight is published before the run ends, whatever ended it
+    if config.run.export_hf and run.stopped_by is None:
+        _export_hf(run.saved, run_dir / "hf", config.lora.enabled)
     sink.close()
     if main:
         plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
