@@ -65,10 +65,25 @@ def start_distributed(config: RunConfig) -> tuple[ProcessGrid | None, torch.devi
                               "export MASTER_ADDR (the first node) and MASTER_PORT in the batch script.")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                rank=launch.rank, world_size=world,
-                                timeout=timedelta(minutes=30))
+        timeout = timedelta(minutes=30)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=launch.rank, world_size=world,
+                                timeout=timeout, store=_attempt_store(launch, timeout))
     return ProcessGrid.build(shape), device
+
+
+def _attempt_store(launch: Launch, timeout: timedelta) -> dist.Store | None:
+    """Under torchrun, its store with this attempt's keys kept apart from earlier attempts' (None elsewhere: the
+    usual env:// rendezvous).
+
+    torchrun keeps one store for the whole job and hands it to every restarted group unprefixed, so after a rank
+    dies the new processes can read the dead ones' addresses, left under the same keys, and fail to connect
+    ("Connection refused"), more often the more ranks there are. A prefix per restart gives each attempt fresh
+    keys."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=launch.world,
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"tetra/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def stop_distributed(succeeded: bool = True) -> None:
