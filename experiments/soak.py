@@ -33,6 +33,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, default=30.0, help="undisturbed training time to plan for")
     parser.add_argument("--checkpoint-minutes", type=float, default=3.0)
     parser.add_argument("--no-reference", action="store_true", help="skip the undisturbed run")
+    parser.add_argument("--steps-per-s", type=float, help="this machine's speed, to skip the one-minute calibration")
     return parser.parse_args()
 
 
@@ -220,7 +221,7 @@ def main() -> None:
     args = parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     data = prepare_data()
-    rate = calibrate(data)
+    rate = args.steps_per_s or calibrate(data)
     steps = int(rate * 60 * args.minutes)
     checkpoint_every = max(int(rate * 60 * args.checkpoint_minutes), 1)
     print(f"{rate:.2f} steps/s: {steps} steps, a checkpoint every {checkpoint_every}", flush=True)

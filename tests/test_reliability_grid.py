@@ -25,19 +25,20 @@ from tetra.train.metrics import read_metrics
 GRID = ("parallel.row=2", "parallel.gemm_layout=out_in")
 
 
-def torchrun_command(config_path: Path, *arguments: str, restarts: int = 0) -> list[str]:
-    """c10d rendezvous, as for several hosts: a restarted group meets in a fresh store (the static default keeps
-    the dead workers' addresses, and the restart cannot connect)."""
+def torchrun_command(config_path: Path, *arguments: str, restarts: int = 0, processes: int = 2,
+                     grid: tuple[str, ...] = GRID, rendezvous: str = "c10d") -> list[str]:
+    """c10d rendezvous by default, as for several hosts; "static" is torchrun's --master-port default."""
     port = free_port()
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"test-{port}",
-            "--max-restarts", str(restarts), "--no-python", sys.executable, str(WORKER), "train", str(config_path),
-            "--no-progress", *GRID, *arguments]
+    meeting = (["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"test-{port}"]
+               if rendezvous == "c10d" else ["--master-port", str(port)])
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(processes),
+            *meeting, "--max-restarts", str(restarts), "--no-python", sys.executable, str(WORKER), "train",
+            str(config_path), "--no-progress", *grid, *arguments]
 
 
 def torchrun(config_path: Path, *arguments: str, env: dict[str, str] | None = None,
-             restarts: int = 0) -> subprocess.CompletedProcess:
-    return subprocess.run(torchrun_command(config_path, *arguments, restarts=restarts), capture_output=True,
+             **options) -> subprocess.CompletedProcess:
+    return subprocess.run(torchrun_command(config_path, *arguments, **options), capture_output=True,
                           text=True, timeout=300, env={**os.environ, **(env or {})})
 
 
@@ -139,17 +140,22 @@ def test_a_nan_on_one_rank_is_skipped_by_every_rank(prepared_data, tmp_path, mon
 
 
 @pytest.mark.slow
-def test_a_killed_rank_restarts_and_resumes_from_the_last_checkpoint(prepared_data, tmp_path, straight):
-    """torchrun --max-restarts 1: rank 1 is SIGKILLed as step 5 starts (after the step-4 checkpoint); torchrun
-    restarts both ranks, which resume from step 4 (the launch always says --resume auto) and finish equal to an
-    undisturbed run."""
+@pytest.mark.parametrize("rendezvous", ["c10d", "static"])
+def test_a_killed_rank_restarts_and_resumes_from_the_last_checkpoint(prepared_data, tmp_path, rendezvous):
+    """torchrun --max-restarts 1 on 4 ranks (data 2 x row 2): rank 3 is SIGKILLed as step 5 starts (after the
+    step-4 checkpoint); torchrun restarts the group, which meets afresh (its own rendezvous keys, not the dead
+    ranks'), resumes from step 4 (the launch always says --resume auto) and ends equal to an undisturbed run."""
     result = torchrun(write_config(prepared_data, tmp_path, "grid", **STEPS), "--resume", "auto",
-                      env={"TETRA_FAULT_KILL_STEP": "4:1"}, restarts=1)
+                      env={"TETRA_FAULT_KILL_STEP": "4:3"}, restarts=1, processes=4,
+                      grid=("parallel.data=2", "parallel.row=2", "parallel.gemm_layout=out_in"),
+                      rendezvous=rendezvous)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "exitcode: -9" in result.stderr  # torchrun saw the kill
     info = (tmp_path / "grid" / "run_info.json").read_text()
     assert "step-0000004" in info  # the restarted job resumed from the last checkpoint
-    assert_equal_losses(losses(tmp_path / "grid"), straight)
+    whole_batch = {**STEPS, "train": {**STEPS["train"], "batch_size": 8}}  # data 2 x 4 sequences
+    one = trainer.train(*run_config(prepared_data, tmp_path / "one", **whole_batch), show_progress=False)
+    assert_equal_losses(losses(tmp_path / "grid"), losses(one.run_dir))
 
 
 def _count_sharded_save_changes(prepared_data, tmp_path: Path, rank: int, sections: dict) -> int:
