@@ -67,15 +67,22 @@ def test_the_projected_state_has_the_promised_shapes():
     assert conda.state[up]["basis"].shape == (32, 32) and conda.state[up]["exp_avg_sq"].shape == up.shape
 
 
-@pytest.mark.parametrize("optimizer", ["galore", "conda"])
-def test_training_resumes_bit_exactly_with_accumulation_and_clipping(tmp_path, optimizer):
+def _arithmetic_run(tmp_path, optimizer: str, max_steps: int, checkpoint_every: int, grad_clip: float = 0.5):
+    """A tiny run's TOML on a small addition data set, with the projected optimizer refreshing every 2 steps."""
     data = tmp_path / "data"
     assert main(["data", "arithmetic", "--max-digits", "3", "--examples", "300", "--out", str(data)]) == 0
     config = tmp_path / "run.toml"
     config.write_text(f'[data]\npath = "{data}"\nseq_len = 32\n[model]\nhidden_size = 32\nn_layers = 2\n'
-                      f'n_heads = 2\n[train]\nmax_steps = 6\nbatch_size = 2\ngrad_accum = 2\nwarmup_steps = 1\n'
-                      f'grad_clip = 0.5\nprecision = "fp32"\noptimizer = "{optimizer}"\ngalore_rank = 4\n'
-                      'projection_interval = 2\n[eval]\nevery = 0\n[run]\nlog_every = 1\ncheckpoint_every = 3\n')
+                      f'n_heads = 2\n[train]\nmax_steps = {max_steps}\nbatch_size = 2\ngrad_accum = 2\n'
+                      f'warmup_steps = 1\ngrad_clip = {grad_clip}\nprecision = "fp32"\noptimizer = "{optimizer}"\n'
+                      'galore_rank = 4\nprojection_interval = 2\n[eval]\nevery = 0\n[run]\nlog_every = 1\n'
+                      f'checkpoint_every = {checkpoint_every}\n')
+    return config
+
+
+@pytest.mark.parametrize("optimizer", ["galore", "conda"])
+def test_training_resumes_bit_exactly_with_accumulation_and_clipping(tmp_path, optimizer):
+    config = _arithmetic_run(tmp_path, optimizer, max_steps=6, checkpoint_every=3)
 
     def losses(run: str, *extra: str) -> list[float]:
         assert main(["train", str(config), "--no-progress", f"run.dir={tmp_path / run}", *extra]) == 0
@@ -110,13 +117,7 @@ def test_data_parallel_training_equals_one_process(tmp_path, optimizer):
 
     from tetra.parallel.launch import free_port
 
-    data = tmp_path / "data"
-    assert main(["data", "arithmetic", "--max-digits", "3", "--examples", "300", "--out", str(data)]) == 0
-    config = tmp_path / "run.toml"
-    config.write_text(f'[data]\npath = "{data}"\nseq_len = 32\n[model]\nhidden_size = 32\nn_layers = 2\n'
-                      f'n_heads = 2\n[train]\nmax_steps = 5\nbatch_size = 2\ngrad_accum = 2\nwarmup_steps = 1\n'
-                      f'precision = "fp32"\noptimizer = "{optimizer}"\ngalore_rank = 4\nprojection_interval = 2\n'
-                      '[eval]\nevery = 0\n[run]\nlog_every = 1\ncheckpoint_every = 0\n')
+    config = _arithmetic_run(tmp_path, optimizer, max_steps=5, checkpoint_every=0, grad_clip=1.0)
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                           str(free_port()), "-m", "tetra", "train", str(config), "--no-progress",
                           f"run.dir={tmp_path / 'ddp'}", "parallel.strategy=ddp"],
