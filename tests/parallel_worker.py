@@ -30,6 +30,7 @@ from tetra.parallel.parallelize import (
 from tetra.parallel.zero import ZeroOptimizer
 from tetra.train.losses import next_token_loss
 from tetra.train.replica import Replica
+from tetra.train.setup import enable_activation_checkpointing
 
 MODELS = {
     "llama": dict(vocab_size=64, hidden_size=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=48,
@@ -85,14 +86,16 @@ def _chunk(batch: Batch, parts: int) -> list[Batch]:
 
 
 def _check(model_name: str, shape: GridShape, zero1: bool = False, goldfish_k: int = 0,
-           gemm_layout: str = OUT_IN, packed: bool = False) -> dict:
+           gemm_layout: str = OUT_IN, packed: bool = False, checkpointing: str = "none") -> dict:
     """zero1: optimizer state sharded over data; gradients then live in slices, so the loss, the global norm and
     the parameters after every step are what is compared. goldfish_k: both sides train through Replica.accumulate
     (the trainer's step) with the goldfish loss, two micro-batches per step. gemm_layout: how the grid's Linear
     blocks are stored (in_out: transposed, so every GEMM and the depth shards run the other way round). packed:
-    rows of packed documents with a loss mask, through Replica.accumulate on both sides."""
+    rows of packed documents with a loss mask, through Replica.accumulate on both sides. checkpointing: the grid
+    model recomputes this part of every block in backward (activation checkpointing), the reference does not."""
     grid = ProcessGrid.build(shape)
     reference, parallel = _reference_and_parallel(model_name, grid, gemm_layout)
+    enable_activation_checkpointing(parallel, checkpointing)
     vocab = MODELS[model_name]["vocab_size"]
     tokens = torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
     local = tokens.chunk(grid.size("batch"))[grid.index("batch")]
@@ -106,7 +109,8 @@ def _check(model_name: str, shape: GridShape, zero1: bool = False, goldfish_k: i
     par_optimizer = ZeroOptimizer([{"params": list(parallel.parameters())}], grid, adamw) if zero1 else \
         adamw(parallel.parameters())
     result = {"model": model_name, "grid": shape.__dict__, "zero1": zero1, "goldfish_k": goldfish_k,
-              "gemm_layout": gemm_layout, "packed": packed, "grad_error": 0.0, "grad_names_match": True}
+              "gemm_layout": gemm_layout, "packed": packed, "checkpointing": checkpointing, "grad_error": 0.0,
+              "grad_names_match": True}
     for step in range(STEPS):
         if packed:
             batches = _chunk(_packed(tokens), grid.size("batch"))

@@ -2,8 +2,8 @@
 
 Each test spawns one set of processes and checks several grids with a Llama-style model (GQA, no bias) and a
 GPT-2-style one (biases in both layer layouts, LayerNorm, learned positions, tied head), abacus digit places, odd
-sizes (padded depth shards), ZeRO-1 (optimizer state sharded over data), the goldfish loss, and weights stored
-[in, out] (the other GEMM layout).
+sizes (padded depth shards), ZeRO-1 (optimizer state sharded over data), the goldfish loss, weights stored
+[in, out] (the other GEMM layout), and activation checkpointing (whole blocks, attention or MLP) on the grid.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def _run(world: int, grids: list[dict], extra_cases: tuple = ()) -> list[dict]:
 def _assert_equal(results: list[dict]) -> None:
     for result in results:
         label = (f"{result['model']} {result['grid']} zero1={result['zero1']} goldfish={result['goldfish_k']} "
-                 f"layout={result['gemm_layout']} packed={result['packed']}")
+                 f"layout={result['gemm_layout']} packed={result['packed']} recompute={result['checkpointing']}")
         assert result["grad_names_match"], label
         for key in ("loss_error", "grad_error", "norm_error", "param_error"):
             assert result[key] <= TOLERANCE, f"{label}: {key} = {result[key]:.2e}"
@@ -33,7 +33,11 @@ def test_two_rank_grids():
     grids = [dict(data=2), dict(depth=2), dict(row=2), dict(col=2)]
     extra = [("odd", dict(depth=2)), ("gpt2", dict(data=2), True), ("odd", dict(data=2), True),
              ("odd", dict(depth=2), False, 0, "in_out"), ("gpt2", dict(row=2), False, 0, "in_out"),
-             ("abacus", dict(col=2)), ("abacus", dict(depth=2))]
+             ("abacus", dict(col=2)), ("abacus", dict(depth=2)),
+             # activation checkpointing on the grid: the recomputed forward repeats its collectives
+             ("llama", dict(depth=2), False, 0, OUT_IN, False, "block"),
+             ("gpt2", dict(row=2), False, 0, OUT_IN, False, "attention"),
+             ("llama", dict(col=2), False, 0, OUT_IN, False, "mlp")]
     _assert_equal(_run(2, grids, extra_cases=extra))
 
 
@@ -48,7 +52,8 @@ def test_four_rank_grids():
     # Packed documents with a loss mask (chat data): block-diagonal attention, restarting learned positions, the
     # loss normalized over the trained targets of both micro-batches and every rank.
     packed = [("gpt2", dict(data=2, row=2), False, 0, OUT_IN, True), ("llama", dict(depth=2, col=2), False, 0,
-                                                                     OUT_IN, True)]
+                                                                     OUT_IN, True),
+              ("gpt2", dict(depth=2, row=2), False, 0, OUT_IN, True, "block")]
     _assert_equal(_run(4, grids, extra_cases=goldfish + transposed + packed))
 
 

@@ -157,3 +157,27 @@ def test_gathering_again_in_backward_trades_one_all_gather_for_the_blocks_memory
     assert keep.memory["gathered_weights"] == pytest.approx(linear / 4 * 2, rel=1e-6)
     assert regather.memory["gathered_weights"] < keep.memory["gathered_weights"] / 3
     assert predict(LLAMA_8B, GridShape(row=2, col=2), 64, 2048, machine).memory["gathered_weights"] == 0
+
+
+def test_recomputation_trades_activation_memory_for_one_more_forward():
+    machine = dataclasses.replace(MachineProfile.load("perlmutter"), collective_latency=0.0)
+    shape = GridShape(row=2, col=2)
+    runs = {part: predict(LLAMA_8B, shape, 64, 2048, machine, overlap=False, recompute=part)
+            for part in ("none", "attention", "mlp", "block")}
+    memory = {part: run.memory["activations"] for part, run in runs.items()}
+    assert memory["block"] < memory["mlp"] < memory["attention"] < memory["none"]  # the MLP keeps more (16/t)
+    micro, tokens, hidden, layers = 2048, 64 * 2048, LLAMA_8B.hidden_size, LLAMA_8B.n_layers  # one sequence a step
+    logits = micro * LLAMA_8B.vocab_size / shape.row * 4
+    # whole blocks: each layer keeps its input (2 bytes per value); one layer at a time holds all of 10 + 24/4
+    assert memory["block"] - logits == pytest.approx(micro * hidden * (2 * layers + 16), rel=1e-9)
+    assert memory["none"] - logits == pytest.approx(micro * hidden * 16 * layers, rel=1e-9)
+    # one more forward of what is recomputed: a third of its GEMM time, and its output sums once more
+    gemm = {gemm.name: gemm for gemm in model_gemms(LLAMA_8B)}
+    assert runs["mlp"].compute > runs["none"].compute and runs["block"].compute > runs["attention"].compute
+    layer_gemms = sum(6 * tokens * g.in_features * g.out_features * g.per_model / 4 / machine.gemm_flops
+                      for name, g in gemm.items() if name != "head")
+    attention_core = layers * 4 * tokens * 2048 * LLAMA_8B.n_heads * LLAMA_8B.resolved_head_dim / 2 / machine.gemm_flops
+    assert runs["block"].compute - runs["none"].compute == pytest.approx(layer_gemms / 3 + attention_core, rel=1e-6)
+    assert runs["block"].collectives["col"] > runs["none"].collectives["col"]
+    assert main(["plan", "--model", "llama-8b", "--devices", "8", "--machine", "perlmutter", "--global-batch",
+                 "64", "--seq", "2048", "--recompute", "mlp"]) == 0

@@ -98,6 +98,16 @@ class LoRAConfig:
         return found
 
 
+RECOMPUTE_PARTS = ("none", "block", "attention", "mlp")
+
+
+def recomputed_part(setting: bool | str) -> str:
+    """train.activation_checkpointing as one of RECOMPUTE_PARTS (true means whole blocks)."""
+    if isinstance(setting, bool):
+        return "block" if setting else "none"
+    return setting
+
+
 @dataclass
 class TrainConfig:
     """The optimization loop."""
@@ -116,7 +126,9 @@ class TrainConfig:
     eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
     precision: str = "auto"  # auto | fp32 | bf16: autocast dtype; master weights stay fp32
-    activation_checkpointing: bool = False  # recompute block activations in backward to save memory
+    # Recompute activations in backward to save memory: true / "block" (whole blocks), "attention" or "mlp" (that part
+    # of every block only), false / "none".
+    activation_checkpointing: bool | str = False
     compile: bool = False  # torch.compile the model
     seed: int = 0  # initialization and dropout seed
     goldfish: GoldfishConfig = field(default_factory=GoldfishConfig)  # memorization-safe loss (off by default)
@@ -329,6 +341,8 @@ def validate_run_config(config: RunConfig, explicit_model: dict[str, Any]) -> li
     if train.optimizer != "adamw" and (config.parallel.zero1 or config.parallel.strategy == "fsdp2"):
         problems.append(f"train.optimizer = {train.optimizer!r} keeps whole matrices' singular vectors; it runs on "
                         "one process or with parallel.strategy = \"ddp\" (no zero1, no fsdp2) for now")
+    if isinstance(train.activation_checkpointing, str):
+        _choice(problems, "train.activation_checkpointing", train.activation_checkpointing, RECOMPUTE_PARTS)
     _choice(problems, "train.on_nonfinite", train.on_nonfinite, ("stop", "skip"))
     if train.max_nonfinite_skips < 0 or train.spike_window < 2 or train.spike_sigmas < 0:
         problems.append(f"train.max_nonfinite_skips must be >= 0, train.spike_window >= 2 and train.spike_sigmas "

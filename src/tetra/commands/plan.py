@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from tetra.commands.common import print_json
+from tetra.config import RECOMPUTE_PARTS
 from tetra.errors import ConfigError
 from tetra.model.config import ModelConfig
 from tetra.model.io import read_model_config
@@ -18,6 +19,7 @@ from tetra.parallel.planner import MachineProfile, Prediction, plan
 EXAMPLES = """examples:
   tetra plan --model llama-8b --devices 64 --machine perlmutter --global-batch 512 --seq 4096
   tetra plan --model ./Qwen2.5-7B --devices 16 --machine dgx-h100 --global-batch 256 --seq 2048 --json
+  tetra plan --model llama-8b --devices 64 --machine perlmutter --global-batch 512 --seq 4096 --recompute block
   tetra plan --hparams --params 1e9 --tokens 1e11 --seq 4096         (the step law's learning rate and batch)
   tetra plan --hparams --params 2e7 --tokens 4e8 --sweep runs/sweep  (and the law refitted to your own sweep)
 machines shipped: perlmutter, frontier, alps, dgx-h100 (or a TOML file of your own)
@@ -44,6 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--regather", action="store_true",
                         help="model depth blocks gathered again in backward (parallel.regather=true): one more "
                              "all-gather per layer, no whole block held between forward and backward")
+    parser.add_argument("--recompute", default="none", choices=list(RECOMPUTE_PARTS),
+                        help="model activation checkpointing (train.activation_checkpointing): whole blocks, or the "
+                             "attention or MLP part of each; less activation memory, one more forward of that part")
     parser.add_argument("--top", type=int, default=10, help="rows to print")
     parser.add_argument("--json", action="store_true", help="every grid as JSON")
     parser.set_defaults(handler=run)
@@ -71,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
                           "and batch size use tetra plan --hparams --params N --tokens D.")
     machine = MachineProfile.load(args.machine)
     predictions = plan(_model(args.model), args.devices, args.global_batch, args.seq, machine, args.zero1,
-                       args.micro_batch, overlap=not args.no_overlap, regather=args.regather)
+                       args.micro_batch, overlap=not args.no_overlap, regather=args.regather,
+                       recompute=args.recompute)
     if args.json:
         print_json({"machine": machine.name, "devices": args.devices, "grids": [_row(p) for p in predictions]})
         return 0

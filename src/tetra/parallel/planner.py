@@ -88,6 +88,11 @@ def model_gemms(config: ModelConfig) -> list[Gemm]:
             Gemm("head", hidden, config.vocab_size, False, 1)]
 
 
+# The weight matrices whose forward activation checkpointing runs again in backward.
+RECOMPUTED = {"none": (), "block": ("qkv", "o", "mlp_up", "mlp_down"), "attention": ("qkv", "o"),
+              "mlp": ("mlp_up", "mlp_down")}
+
+
 def _ring_all_reduce(size: int) -> float:
     return 2 * (size - 1) / size
 
@@ -120,6 +125,7 @@ class Prediction:
     overlap: bool = True
     overlap_efficiency: float = 1.0  # the machine's (MachineProfile.overlap_efficiency)
     regather: bool = False  # depth blocks gathered again in backward (parallel.regather) rather than kept
+    recompute: str = "none"  # activations recomputed in backward: none | block | attention | mlp
 
     def exposed(self, dimension: str) -> float:
         """Seconds of this group's collectives that the step waits for."""
@@ -165,7 +171,13 @@ def _add_gemm(prediction: Prediction, gemm: Gemm, tokens: float, micro_steps: in
     # The fp32 weight block is gathered over depth in forward (and again in backward with regather) and its
     # gradient reduce-scattered: gathers prefetched one layer ahead, reduce-scatters finished in the background,
     # behind this layer's GEMMs.
-    gathers = 2 if prediction.regather else 1
+    recomputed = gemm.name in RECOMPUTED[prediction.recompute]
+    if recomputed:  # its forward runs again in backward: the GEMM and the sum of its output partials
+        prediction.compute += gemm_seconds / 3
+        prediction.collectives[in_dim] += n * _ring_all_reduce(in_split) * local_tokens * gemm.out_features \
+            / out_split * value_bytes / bandwidth[in_dim]
+        _add_calls(prediction, in_dim, n * gemm.calls * micro_steps, machine)
+    gathers = 2 if prediction.regather or recomputed else 1
     depth = n * micro_steps * _ring_gather(shape.depth) * block * (gathers * MASTER_BYTES + GRADIENT_BYTES) \
         / bandwidth["depth"]
     prediction.collectives["depth"] += depth
@@ -182,11 +194,13 @@ def _add_gemm(prediction: Prediction, gemm: Gemm, tokens: float, micro_steps: in
 
 def predict(config: ModelConfig, shape: GridShape, global_batch: int, seq_len: int, machine: MachineProfile,
             zero1: bool = False, micro_batch: int = 1, value_bytes: int = ACTIVATION_BYTES,
-            overlap: bool = True, regather: bool = False) -> Prediction:
+            overlap: bool = True, regather: bool = False, recompute: str = "none") -> Prediction:
     """Step time and memory per device of one grid (bf16 compute, fp32 master weights and AdamW state); each batch
     rank runs its share as micro-batches of `micro_batch` sequences (gradient accumulation). value_bytes is the
-    width of activations and gathered weights: 2 for bf16 training, 4 for fp32."""
-    prediction = Prediction(shape, overlap=overlap, overlap_efficiency=machine.overlap_efficiency, regather=regather)
+    width of activations and gathered weights: 2 for bf16 training, 4 for fp32. recompute: what activation
+    checkpointing recomputes (train.activation_checkpointing)."""
+    prediction = Prediction(shape, overlap=overlap, overlap_efficiency=machine.overlap_efficiency, regather=regather,
+                            recompute=recompute)
     tokens = global_batch * seq_len
     micro_steps = max(global_batch // (shape.data * shape.depth * micro_batch), 1)
     for gemm in model_gemms(config):
@@ -204,19 +218,33 @@ def predict(config: ModelConfig, shape: GridShape, global_batch: int, seq_len: i
         _add_calls(prediction, "depth", 2 * micro_steps, machine)
     local_tokens = tokens / (shape.data * shape.depth)
     attention_width = config.n_heads * config.resolved_head_dim / shape.row
-    prediction.compute += config.n_layers * 3 * 4 * local_tokens * seq_len * attention_width / machine.gemm_flops
+    attention_passes = 4 if recompute in ("block", "attention") else 3  # a recomputed forward runs twice
+    prediction.compute += config.n_layers * attention_passes * 4 * local_tokens * seq_len * attention_width \
+        / machine.gemm_flops
     parameters = config.num_parameters() / (shape.row * shape.col * shape.depth)
-    tensor_parallel = shape.row * shape.col
-    # Stored activations per layer without recomputation, attention scores not kept (flash attention): Korthikanti
-    # et al. 2022, bf16, (10 + 24 / t) bytes per token and hidden unit; plus the fp32 logits of the local vocabulary.
     micro_tokens = local_tokens / micro_steps
-    activations = config.n_layers * micro_tokens * config.hidden_size * (10 + 24 / tensor_parallel)
-    activations += micro_tokens * config.vocab_size / shape.row * 4
+    kept, transient = activation_bytes(recompute, shape.row * shape.col)
+    activations = (config.n_layers * kept + transient) * micro_tokens * config.hidden_size
+    activations += micro_tokens * config.vocab_size / shape.row * 4  # the fp32 logits of the local vocabulary
     prediction.memory = {"parameters": 4 * parameters, "gradients": 4 * parameters,
                          "optimizer": 8 * parameters / (shape.data if zero1 else 1), "activations": activations,
                          "gathered_weights": _gathered_weight_bytes(config, shape, regather, value_bytes)}
     prediction.fits = sum(prediction.memory.values()) <= 0.9 * machine.memory_gb * 1e9
     return prediction
+
+
+def activation_bytes(recompute: str, tensor_parallel: int) -> tuple[float, float]:
+    """Bytes per token and hidden unit a layer keeps for backward, and those one layer holds only while it is
+    recomputed. Korthikanti et al. 2022 (bf16, attention scores not kept, as with flash attention): 10 + 24/t in
+    all, 5 + 8/t of it in the attention part and 5 + 16/t in the MLP; a recomputed part keeps only its input (2)."""
+    attention, mlp = 5 + 8 / tensor_parallel, 5 + 16 / tensor_parallel
+    if recompute == "block":
+        return 2.0, attention + mlp
+    if recompute == "attention":
+        return 2 + mlp, attention
+    if recompute == "mlp":
+        return attention + 2, mlp
+    return attention + mlp, 0.0
 
 
 def _gathered_weight_bytes(config: ModelConfig, shape: GridShape, regather: bool, value_bytes: int) -> float:
@@ -249,7 +277,8 @@ def valid_grids(config: ModelConfig, devices: int, global_batch: int, micro_batc
 
 
 def plan(config: ModelConfig, devices: int, global_batch: int, seq_len: int, machine: MachineProfile,
-         zero1: bool = False, micro_batch: int = 1, overlap: bool = True, regather: bool = False) -> list[Prediction]:
+         zero1: bool = False, micro_batch: int = 1, overlap: bool = True, regather: bool = False,
+         recompute: str = "none") -> list[Prediction]:
     """Valid grids ranked: those that fit in memory first, each group by predicted step time."""
     grids = valid_grids(config, devices, global_batch, micro_batch)
     if not grids:
@@ -257,6 +286,6 @@ def plan(config: ModelConfig, devices: int, global_batch: int, seq_len: int, mac
                           f"(micro-batches of {micro_batch}): the sizes it splits (hidden, heads, KV heads, MLP width, "
                           "vocabulary) and the batch must divide by the grid's dimensions.")
     predictions = [predict(config, shape, global_batch, seq_len, machine, zero1, micro_batch, overlap=overlap,
-                           regather=regather)
+                           regather=regather, recompute=recompute)
                    for shape in grids]
     return sorted(predictions, key=lambda p: (not p.fits, p.step_time))

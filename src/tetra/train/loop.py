@@ -17,7 +17,7 @@ import torch
 
 from tetra.adapters.lora import apply_lora, store_frozen_weights_in, train_added_token_rows
 from tetra.adapters.peft_io import check_peft_names
-from tetra.config import RunConfig
+from tetra.config import RunConfig, recomputed_part
 from tetra.data.batch import Batch, as_batch
 from tetra.data.loader import PackedBatches
 from tetra.data.packing import DocumentBatches
@@ -193,8 +193,7 @@ def build_loop(config: RunConfig, explicit_model: dict[str, Any]) -> tuple[Loop,
         replica.progressive = ProgressiveLoss(model, config.train.progressive_loss)
     if config.train.neftune.alpha > 0:  # on the modules training runs: after the grid has replaced them
         attach_neftune(model, config.train.neftune.alpha, grid if replica.splits_model else None)
-    if config.train.activation_checkpointing:
-        enable_activation_checkpointing(model)
+    enable_activation_checkpointing(model, recomputed_part(config.train.activation_checkpointing))
     forward_model = wrap_model(model, strategy, device)  # DDP wraps; FSDP2 shards the model in place
     forward_model = torch.compile(forward_model) if config.train.compile else forward_model
     optimizer = build_optimizer(model, config.train, grid if replica.splits_model else None, config.parallel.zero1)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from tetra.config import RunConfig
+from tetra.config import RunConfig, recomputed_part
 from tetra.data.arithmetic import digit_token_ids
 from tetra.data.gguf_tokenizer import load_tokenizer
 from tetra.data.shards import PreparedData
@@ -143,7 +143,8 @@ def auto_grid(config: RunConfig, model_config: ModelConfig, world: int) -> tuple
     machine = MachineProfile.load(config.parallel.machine)
     global_batch = config.train.batch_size * world
     best = plan(model_config, world, global_batch, config.data.seq_len, machine, config.parallel.zero1,
-                micro_batch=1, overlap=config.parallel.overlap, regather=config.parallel.regather)[0]
+                micro_batch=1, overlap=config.parallel.overlap, regather=config.parallel.regather,
+                recompute=recomputed_part(config.train.activation_checkpointing))[0]
     shape = best.shape
     batch_size = global_batch // (shape.data * shape.depth)
     parallel = dataclasses.replace(config.parallel, data=shape.data, depth=shape.depth, row=shape.row, col=shape.col)
@@ -176,12 +177,18 @@ def gemm_layouts_for_run(config: RunConfig, model: Transformer, grid: ProcessGri
     return agree_on_layouts(choices), summary
 
 
-def enable_activation_checkpointing(model: Transformer) -> None:
-    """Recompute each block's activations during backward; the model file and state-dict names stay unchanged."""
-    for block in model.blocks:
-        forward = block.forward
+def enable_activation_checkpointing(model: Transformer, part: str = "block") -> None:
+    """Recompute activations during backward: whole blocks, or only each block's attention or MLP (selective
+    recomputation keeps the rest, trading less memory saved for less compute). The model file and state-dict names
+    stay unchanged; on a 4D grid the recomputed forward repeats its collectives in the same order on every rank."""
+    if part == "none":
+        return
+    modules = {"block": list(model.blocks), "attention": [block.attn for block in model.blocks],
+               "mlp": [block.mlp for block in model.blocks]}[part]
+    for module in modules:
+        forward = module.forward
 
-        def checkpointed(self, *args, _forward=forward):
-            return checkpoint(_forward, *args, use_reentrant=False)
+        def checkpointed(self, *args, _forward=forward, **kwargs):
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
 
-        block.forward = types.MethodType(checkpointed, block)
+        module.forward = types.MethodType(checkpointed, module)
