@@ -181,3 +181,21 @@ def test_recomputation_trades_activation_memory_for_one_more_forward():
     assert runs["block"].collectives["col"] > runs["none"].collectives["col"]
     assert main(["plan", "--model", "llama-8b", "--devices", "8", "--machine", "perlmutter", "--global-batch",
                  "64", "--seq", "2048", "--recompute", "mlp"]) == 0
+
+
+def test_lora_fine_tuning_holds_a_frozen_bf16_base_and_reduces_no_weight_gradients():
+    machine = dataclasses.replace(MachineProfile.load("perlmutter"), collective_latency=0.0)
+    shape = GridShape(data=2, depth=2, row=2)
+    full = predict(LLAMA_8B, shape, 64, 2048, machine, overlap=False)
+    lora = predict(LLAMA_8B, shape, 64, 2048, machine, overlap=False, finetune="lora")
+    assert lora.memory["parameters"] == full.memory["parameters"] / 2
+    assert lora.memory["gradients"] == lora.memory["optimizer"] == 0 < full.memory["optimizer"]
+    assert lora.memory["activations"] == full.memory["activations"]
+    assert lora.collectives["data"] == 0 < full.collectives["data"]
+    assert lora.collectives["depth"] < full.collectives["depth"] / 2  # bf16 gathers, no reduce-scatter
+    assert lora.collectives["row"] == full.collectives["row"]  # activations move the same
+    linear = sum(6 * 16 * 2048 * g.in_features * g.out_features * g.per_model / 2 / machine.gemm_flops
+                 for g in model_gemms(LLAMA_8B))  # 16 sequences per batch rank, blocks split over 2 rows
+    assert full.compute - lora.compute == pytest.approx(linear / 3, rel=1e-6)  # no weight-gradient GEMMs
+    assert main(["plan", "--model", "llama-8b", "--devices", "8", "--machine", "dgx-h100", "--global-batch", "64",
+                 "--seq", "4096", "--finetune", "lora", "--top", "1"]) == 0

@@ -20,6 +20,7 @@ EXAMPLES = """examples:
   tetra plan --model llama-8b --devices 64 --machine perlmutter --global-batch 512 --seq 4096
   tetra plan --model ./Qwen2.5-7B --devices 16 --machine dgx-h100 --global-batch 256 --seq 2048 --json
   tetra plan --model llama-8b --devices 64 --machine perlmutter --global-batch 512 --seq 4096 --recompute block
+  tetra plan --model llama-8b --devices 8 --machine dgx-h100 --global-batch 64 --seq 4096 --finetune lora
   tetra plan --hparams --params 1e9 --tokens 1e11 --seq 4096         (the step law's learning rate and batch)
   tetra plan --hparams --params 2e7 --tokens 4e8 --sweep runs/sweep  (and the law refitted to your own sweep)
 machines shipped: perlmutter, frontier, alps, dgx-h100 (or a TOML file of your own)
@@ -49,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--recompute", default="none", choices=list(RECOMPUTE_PARTS),
                         help="model activation checkpointing (train.activation_checkpointing): whole blocks, or the "
                              "attention or MLP part of each; less activation memory, one more forward of that part")
+    parser.add_argument("--finetune", default="full", choices=["full", "lora"],
+                        help="lora: a frozen base (bf16, no gradients or optimizer state) with LoRA adapters, as "
+                             "[lora] trains it; shows which grid fits a model too big to train whole")
     parser.add_argument("--top", type=int, default=10, help="rows to print")
     parser.add_argument("--json", action="store_true", help="every grid as JSON")
     parser.set_defaults(handler=run)
@@ -77,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     machine = MachineProfile.load(args.machine)
     predictions = plan(_model(args.model), args.devices, args.global_batch, args.seq, machine, args.zero1,
                        args.micro_batch, overlap=not args.no_overlap, regather=args.regather,
-                       recompute=args.recompute)
+                       recompute=args.recompute, finetune=args.finetune)
     if args.json:
         print_json({"machine": machine.name, "devices": args.devices, "grids": [_row(p) for p in predictions]})
         return 0

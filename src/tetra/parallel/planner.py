@@ -126,6 +126,7 @@ class Prediction:
     overlap_efficiency: float = 1.0  # the machine's (MachineProfile.overlap_efficiency)
     regather: bool = False  # depth blocks gathered again in backward (parallel.regather) rather than kept
     recompute: str = "none"  # activations recomputed in backward: none | block | attention | mlp
+    frozen: bool = False  # LoRA fine-tuning: the base is frozen (bf16, no gradients, no optimizer state)
 
     def exposed(self, dimension: str) -> float:
         """Seconds of this group's collectives that the step waits for."""
@@ -154,53 +155,57 @@ def _add_gemm(prediction: Prediction, gemm: Gemm, tokens: float, micro_steps: in
     block = gemm.in_features * gemm.out_features / (shape.row * shape.col)
     local_tokens = tokens / (shape.data * shape.depth)
     n = gemm.per_model
-    gemm_seconds = n * 6 * local_tokens * block / machine.gemm_flops
+    frozen = prediction.frozen  # LoRA: no weight-gradient GEMM, no weight gradient to reduce
+    forward_seconds = n * 2 * local_tokens * block / machine.gemm_flops
+    gemm_seconds = forward_seconds * (2 if frozen else 3)
     prediction.compute += gemm_seconds
     bandwidth = {name: group_bandwidth(machine, shape, name) for name in ("col", "row", "depth", "data")}
     # Output partials summed over the in-feature group (the next operation needs them: never hidden); input
     # gradients over the out-feature group, which overlap the weight-gradient GEMM (a third of the GEMM time).
-    prediction.collectives[in_dim] += n * _ring_all_reduce(in_split) * local_tokens * gemm.out_features / out_split \
-        * value_bytes / bandwidth[in_dim]
-    _add_calls(prediction, in_dim, n * gemm.calls * micro_steps, machine)
+    output_sum = n * _ring_all_reduce(in_split) * local_tokens * gemm.out_features / out_split * value_bytes \
+        / bandwidth[in_dim]
+    recomputed = gemm.name in RECOMPUTED[prediction.recompute]
+    forwards = 2 if recomputed else 1  # a recomputed forward runs again in backward, with its output sums
+    prediction.compute += (forwards - 1) * forward_seconds
+    prediction.collectives[in_dim] += forwards * output_sum
+    _add_calls(prediction, in_dim, forwards * n * gemm.calls * micro_steps, machine)
     input_gradient = n * _ring_all_reduce(out_split) * local_tokens * gemm.in_features / in_split * value_bytes \
         / bandwidth[out_dim]
     prediction.collectives[out_dim] += input_gradient
     _add_calls(prediction, out_dim, n * gemm.calls * micro_steps, machine)
     prediction.overlappable[out_dim] += input_gradient
-    prediction.windows[out_dim] += gemm_seconds / 3
-    # The fp32 weight block is gathered over depth in forward (and again in backward with regather) and its
-    # gradient reduce-scattered: gathers prefetched one layer ahead, reduce-scatters finished in the background,
-    # behind this layer's GEMMs.
-    recomputed = gemm.name in RECOMPUTED[prediction.recompute]
-    if recomputed:  # its forward runs again in backward: the GEMM and the sum of its output partials
-        prediction.compute += gemm_seconds / 3
-        prediction.collectives[in_dim] += n * _ring_all_reduce(in_split) * local_tokens * gemm.out_features \
-            / out_split * value_bytes / bandwidth[in_dim]
-        _add_calls(prediction, in_dim, n * gemm.calls * micro_steps, machine)
+    prediction.windows[out_dim] += 0.0 if frozen else forward_seconds
+    # The weight block is gathered over depth in forward (again in backward with regather or recomputation; fp32,
+    # or bf16 for a frozen LoRA base) and its gradient reduce-scattered: gathers prefetched one layer ahead,
+    # reduce-scatters finished in the background, behind this layer's GEMMs.
     gathers = 2 if prediction.regather or recomputed else 1
-    depth = n * micro_steps * _ring_gather(shape.depth) * block * (gathers * MASTER_BYTES + GRADIENT_BYTES) \
+    weight_bytes, scatter_bytes = (ACTIVATION_BYTES, 0) if frozen else (MASTER_BYTES, GRADIENT_BYTES)
+    depth = n * micro_steps * _ring_gather(shape.depth) * block * (gathers * weight_bytes + scatter_bytes) \
         / bandwidth["depth"]
     prediction.collectives["depth"] += depth
-    _add_calls(prediction, "depth", (gathers + 1) * n * gemm.calls * micro_steps, machine)
+    _add_calls(prediction, "depth", (gathers + (0 if frozen else 1)) * n * gemm.calls * micro_steps, machine)
     prediction.overlappable["depth"] += depth
     prediction.windows["depth"] += gemm_seconds
     # The data all-reduce happens once per optimizer step, in buckets during the last backward (two thirds of the
-    # last micro-batch's GEMMs), except the last bucket.
-    data = n * _ring_all_reduce(shape.data) * block / shape.depth * GRADIENT_BYTES / bandwidth["data"]
-    prediction.collectives["data"] += data
-    prediction.overlappable["data"] += data
-    prediction.windows["data"] += 2 * gemm_seconds / 3 / micro_steps
+    # last micro-batch's GEMMs), except the last bucket. A frozen base has no gradient to sum.
+    if not frozen:
+        data = n * _ring_all_reduce(shape.data) * block / shape.depth * GRADIENT_BYTES / bandwidth["data"]
+        prediction.collectives["data"] += data
+        prediction.overlappable["data"] += data
+        prediction.windows["data"] += 2 * gemm_seconds / 3 / micro_steps
 
 
 def predict(config: ModelConfig, shape: GridShape, global_batch: int, seq_len: int, machine: MachineProfile,
             zero1: bool = False, micro_batch: int = 1, value_bytes: int = ACTIVATION_BYTES,
-            overlap: bool = True, regather: bool = False, recompute: str = "none") -> Prediction:
+            overlap: bool = True, regather: bool = False, recompute: str = "none",
+            finetune: str = "full") -> Prediction:
     """Step time and memory per device of one grid (bf16 compute, fp32 master weights and AdamW state); each batch
     rank runs its share as micro-batches of `micro_batch` sequences (gradient accumulation). value_bytes is the
     width of activations and gathered weights: 2 for bf16 training, 4 for fp32. recompute: what activation
-    checkpointing recomputes (train.activation_checkpointing)."""
+    checkpointing recomputes (train.activation_checkpointing). finetune = "lora": a frozen base in bf16 with
+    adapters (whose few parameters are not counted), no weight gradients to compute or reduce."""
     prediction = Prediction(shape, overlap=overlap, overlap_efficiency=machine.overlap_efficiency, regather=regather,
-                            recompute=recompute)
+                            recompute=recompute, frozen=finetune == "lora")
     tokens = global_batch * seq_len
     micro_steps = max(global_batch // (shape.data * shape.depth * micro_batch), 1)
     for gemm in model_gemms(config):
@@ -226,8 +231,11 @@ def predict(config: ModelConfig, shape: GridShape, global_batch: int, seq_len: i
     kept, transient = activation_bytes(recompute, shape.row * shape.col)
     activations = (config.n_layers * kept + transient) * micro_tokens * config.hidden_size
     activations += micro_tokens * config.vocab_size / shape.row * 4  # the fp32 logits of the local vocabulary
-    prediction.memory = {"parameters": 4 * parameters, "gradients": 4 * parameters,
-                         "optimizer": 8 * parameters / (shape.data if zero1 else 1), "activations": activations,
+    trained = 0 if prediction.frozen else 1
+    prediction.memory = {"parameters": (2 if prediction.frozen else 4) * parameters,
+                         "gradients": 4 * parameters * trained,
+                         "optimizer": 8 * parameters * trained / (shape.data if zero1 else 1),
+                         "activations": activations,
                          "gathered_weights": _gathered_weight_bytes(config, shape, regather, value_bytes)}
     prediction.fits = sum(prediction.memory.values()) <= 0.9 * machine.memory_gb * 1e9
     return prediction
@@ -278,7 +286,7 @@ def valid_grids(config: ModelConfig, devices: int, global_batch: int, micro_batc
 
 def plan(config: ModelConfig, devices: int, global_batch: int, seq_len: int, machine: MachineProfile,
          zero1: bool = False, micro_batch: int = 1, overlap: bool = True, regather: bool = False,
-         recompute: str = "none") -> list[Prediction]:
+         recompute: str = "none", finetune: str = "full") -> list[Prediction]:
     """Valid grids ranked: those that fit in memory first, each group by predicted step time."""
     grids = valid_grids(config, devices, global_batch, micro_batch)
     if not grids:
@@ -286,6 +294,6 @@ def plan(config: ModelConfig, devices: int, global_batch: int, seq_len: int, mac
                           f"(micro-batches of {micro_batch}): the sizes it splits (hidden, heads, KV heads, MLP width, "
                           "vocabulary) and the batch must divide by the grid's dimensions.")
     predictions = [predict(config, shape, global_batch, seq_len, machine, zero1, micro_batch, overlap=overlap,
-                           regather=regather, recompute=recompute)
+                           regather=regather, recompute=recompute, finetune=finetune)
                    for shape in grids]
     return sorted(predictions, key=lambda p: (not p.fits, p.step_time))

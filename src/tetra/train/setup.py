@@ -144,7 +144,8 @@ def auto_grid(config: RunConfig, model_config: ModelConfig, world: int) -> tuple
     global_batch = config.train.batch_size * world
     best = plan(model_config, world, global_batch, config.data.seq_len, machine, config.parallel.zero1,
                 micro_batch=1, overlap=config.parallel.overlap, regather=config.parallel.regather,
-                recompute=recomputed_part(config.train.activation_checkpointing))[0]
+                recompute=recomputed_part(config.train.activation_checkpointing),
+                finetune="lora" if config.lora.enabled else "full")[0]
     shape = best.shape
     batch_size = global_batch // (shape.data * shape.depth)
     parallel = dataclasses.replace(config.parallel, data=shape.data, depth=shape.depth, row=shape.row, col=shape.col)
