@@ -138,6 +138,20 @@ def _warn(main: bool, text: str) -> None:
         sys.stderr.write(f"warning: {text}\n")
 
 
+def _spike_record(loop: Loop, health: StepHealth, loss: float, step: int, run_dir: Path) -> dict[str, Any]:
+    """{"loss_spike": ...} with the step's data positions when its loss is a spike (warned about), else {}."""
+    spike = health.spike(loss)
+    if spike is None:
+        return {}
+    positions = loop.positions(step - 1)
+    _warn(is_main_rank(), f"loss spike at step {step}: {loss:.4f} against a recent mean of {spike[0]:.4f} "
+          f"(deviation {spike[1]:.4f}); the step read data positions {positions.start}-{positions.stop - 1} (epoch "
+          f"{loop.train_batches.epoch_of(positions.start):.3f}); see them with `tetra data inspect {run_dir} "
+          f"--position {positions.start}`")
+    return {"loss_spike": {"recent_mean": spike[0], "recent_deviation": spike[1],
+                           "data_positions": [positions.start, positions.stop - 1]}}
+
+
 def _run_steps(loop: Loop, run: RunState, run_dir: Path, throughput: Throughput, sink: MetricsSink,
                health: StepHealth, save: Callable[[int, float], Path], show_progress: bool) -> None:
     """Steps until max_steps or a stop signal. Before each update the ranks agree (one all-reduce) on a non-finite
@@ -153,8 +167,8 @@ def _run_steps(loop: Loop, run: RunState, run_dir: Path, throughput: Throughput,
             verdict = health.verdict(nonfinite)
             if verdict == "stop":
                 raise _nonfinite_error(step_loss, grad_norm, run.step, run_dir, health)
-            positions = loop.positions(run.step)
             if verdict == "skip":
+                positions = loop.positions(run.step)
                 loop.discard()
                 _warn(main, f"step {run.step + 1}: a non-finite loss or gradient norm on some rank (here loss "
                       f"{step_loss.loss}, gradient norm {grad_norm}); update skipped ({health.in_row} in a row, "
@@ -168,16 +182,7 @@ def _run_steps(loop: Loop, run: RunState, run_dir: Path, throughput: Throughput,
             if verdict == "ok":
                 run.loss = step_loss.loss
                 interval.add(step_loss)
-                record["loss"] = step_loss.loss
-                spike = health.spike(step_loss.loss)
-                if spike is not None:
-                    record["loss_spike"] = {"recent_mean": spike[0], "recent_deviation": spike[1],
-                                            "data_positions": [positions.start, positions.stop - 1]}
-                    _warn(main, f"loss spike at step {step}: {step_loss.loss:.4f} against a recent mean of "
-                          f"{spike[0]:.4f} (deviation {spike[1]:.4f}); the step read data positions "
-                          f"{positions.start}-{positions.stop - 1} (epoch "
-                          f"{loop.train_batches.epoch_of(positions.start):.3f}); see them with `tetra data inspect "
-                          f"{run_dir} --position {positions.start}`")
+                record.update(loss=step_loss.loss, **_spike_record(loop, health, step_loss.loss, step, run_dir))
             else:
                 record["skipped"] = True
             if step % config.run.log_every == 0 or step == config.train.max_steps:
