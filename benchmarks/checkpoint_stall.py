@@ -69,8 +69,7 @@ def main() -> None:
                 start = time.perf_counter()
                 saver.save(round_index + 1, {})
                 timing["stall"].append(time.perf_counter() - start)
-                pending = saver._pending
-                while pending is not None and pending.thread.is_alive():
+                while saver.writing:
                     timing["overlapped"].append(step())
                 saver.wait()
                 timing["write"].append(time.perf_counter() - start)

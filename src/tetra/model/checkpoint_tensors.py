@@ -6,7 +6,6 @@ Entry point: CheckpointTensors(folder) with .shapes, .dtypes and .read(name).
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -15,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 from tetra.errors import CheckpointError
 from tetra.files import read_json
 from tetra.model.safetensors_stream import DTYPE_CODES
-from tetra.model.sharded_io import SHARDS, has_shards, sharded_metadata
+from tetra.model.sharded_io import has_shards, load_in_one_process, sharded_metadata
 
 DTYPES = {code: dtype for dtype, (code, _) in DTYPE_CODES.items()}
 PREFIX = "model/"
@@ -63,12 +62,8 @@ class CheckpointTensors:
     def read(self, name: str) -> torch.Tensor:
         """One full tensor (only its bytes are read)."""
         if self.sharded:
-            import torch.distributed.checkpoint as dcp
-
             target = {PREFIX + name: torch.empty(self.shapes[name], dtype=self.dtypes[name])}
-            with warnings.catch_warnings():  # reading in one process is the intent, not an accident
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(target, checkpoint_id=str(self.folder / SHARDS), no_dist=True)
+            load_in_one_process(target, self.folder)
             return target[PREFIX + name]
         with safe_open(str(self._file_of[name]), framework="pt") as handle:
             return handle.get_tensor(name)

@@ -34,16 +34,22 @@ def sharded_metadata(folder: Path) -> dict[str, Any]:
             if isinstance(item, TensorStorageMetadata)}
 
 
+def load_in_one_process(state: dict[str, torch.Tensor], folder: Path) -> None:
+    """Fill `state` (full-size tensors by DCP name) from folder/shards, without a process group."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():  # reading in one process is the intent, not an accident
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(folder / SHARDS), no_dist=True)
+
+
 def read_sharded_tensors(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
     """Every tensor whose name starts with prefix, at full size (the prefix removed from the names)."""
-    import torch.distributed.checkpoint as dcp
 
     wanted = {name: item for name, item in sharded_metadata(folder).items() if name.startswith(prefix)}
     state = {name: torch.zeros(tuple(item.size), dtype=item.properties.dtype) for name, item in wanted.items()}
     try:
-        with warnings.catch_warnings():  # reading in one process is the intent, not an accident
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(folder / SHARDS), no_dist=True)
+        load_in_one_process(state, folder)
     except Exception as error:
         raise CheckpointError(f"Reading {folder / SHARDS} failed ({error}); a shard file may be missing.") from None
     return {name.removeprefix(prefix): value for name, value in state.items()}

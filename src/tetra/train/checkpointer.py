@@ -82,6 +82,11 @@ class Checkpointer:
             dist.barrier()  # published for every rank when save returns
         return checkpoint_folder(self.target.run_dir, step)
 
+    @property
+    def writing(self) -> bool:
+        """Whether a background save is still being written."""
+        return self._pending is not None and self._pending.thread.is_alive()
+
     def wait(self) -> None:
         """Until the save in flight (if any) is published; raises its error."""
         pending, self._pending = self._pending, None
