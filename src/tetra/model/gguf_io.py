@@ -178,19 +178,30 @@ def read_gguf_config(path: str | Path) -> ModelConfig:
     return _open(Path(path))[2]
 
 
+class GGUFTensors:
+    """A GGUF file's tensors by tetra name, dequantized one at a time (fp32, Hugging Face row order): what loading a
+    model split over ranks reads, one tensor in memory at a time."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.metadata, by_name, self.config = _open(self.path)
+        self._by_tetra_name = {_tetra_name(name, self.path): tensor for name, tensor in by_name.items()
+                               if name not in IGNORED}
+        self.shapes = {name: tuple(int(size) for size in reversed(tensor.shape))
+                       for name, tensor in self._by_tetra_name.items()}
+
+    def read(self, name: str) -> torch.Tensor:
+        # np.array copies: the file is memory-mapped read-only.
+        value = torch.from_numpy(np.array(_dequantize(self._by_tetra_name[name], self.path), dtype=np.float32))
+        if self.config.family == "llama" and (".attn.q." in name or ".attn.k." in name):
+            value = _unpermute(value, self.config.n_heads if ".attn.q." in name else self.config.kv_heads)
+        return value
+
+
 def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> GGUFModel:
     """Config, tensors (dequantized to fp32, then cast to dtype) and metadata of a GGUF model file."""
-    path = Path(path)
-    metadata, by_name, config = _open(path)
-    tensors = {}
-    for name, tensor in by_name.items():
-        if name in IGNORED:
-            continue
-        target = _tetra_name(name, path)
-        # np.array copies: the file is memory-mapped read-only.
-        value = torch.from_numpy(np.array(_dequantize(tensor, path), dtype=np.float32))
-        if config.family == "llama" and (".attn.q." in target or ".attn.k." in target):
-            value = _unpermute(value, config.n_heads if ".attn.q." in target else config.kv_heads)
-        tensors[target] = value.to(dtype)
+    source = GGUFTensors(path)
+    tensors = {name: source.read(name).to(dtype) for name in source.shapes}
+    config = source.config
     config.dtype = str(dtype).removeprefix("torch.")
-    return GGUFModel(config, tensors, metadata)
+    return GGUFModel(config, tensors, source.metadata)

@@ -12,6 +12,7 @@ from torch import nn
 
 from tetra.model.abacus import AbacusEmbedding, digit_positions
 from tetra.model.config import ModelConfig
+from tetra.model.initialization import draw_region, full_region, init_rules
 from tetra.model.kv_cache import KVCache
 from tetra.model.layers import Block, RotaryEmbedding, make_norm
 from tetra.model.recurrent import LoopedStack, RecurrentDepth, SandwichBlock, run_recurrent
@@ -87,21 +88,17 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
 
-    def init_weights(self, std: float = 0.02) -> None:
-        """GPT-2 style initialization; output projections shrink with depth so the residual stream stays O(1)."""
-        residual_std = std / math.sqrt(2 * self.config.n_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                is_output = name.endswith(".o") or name.endswith(".down")
-                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_output else std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif hasattr(module, "weight") and module.weight is not None and module.weight.dim() == 1:
-                nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
+        """GPT-2 style initialization (initialization.init_rules), drawn tile by tile from generators seeded by
+        (seed, parameter name, tile), so a model split over ranks can draw each rank's piece alone and get these
+        very values. seed=None draws it from torch's global generator (torch.manual_seed then decides)."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        rules = init_rules(self, std)
+        with torch.no_grad():
+            for name, parameter in self.named_parameters():
+                values = draw_region(rules[name], name, parameter.shape, full_region(parameter.shape), seed)
+                parameter.copy_(values)
 
     def hidden_states(
         self,
