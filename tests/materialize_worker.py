@@ -7,6 +7,7 @@ Entry point: check_materialize(rank, world, port, cases, out_path), started by s
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 
@@ -35,7 +36,18 @@ def _whole_then_split(source: str, grid: ProcessGrid, gemm_layout: str) -> Trans
     return _split(copy.deepcopy(model), grid, gemm_layout)
 
 
-def _meta_then_materialize(source: str, grid: ProcessGrid, gemm_layout: str) -> Transformer:
+class _Recording:
+    """A weight source that notes how many values each read asked for."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.shapes, self.values_read = inner, inner.shapes, {}
+
+    def read(self, name, region):
+        self.values_read[name] = self.values_read.get(name, 0) + math.prod(stop - start for start, stop in region)
+        return self.inner.read(name, region)
+
+
+def _meta_then_materialize(source: str, grid: ProcessGrid, gemm_layout: str) -> tuple[Transformer, _Recording]:
     config = ModelConfig(**MODELS[source]) if source in MODELS else read_model_config(source)
     with torch.device("meta"):
         model = Transformer(config)
@@ -44,21 +56,31 @@ def _meta_then_materialize(source: str, grid: ProcessGrid, gemm_layout: str) -> 
         weights = RandomWeights(init_rules(model, STD), shapes, SEED)
     else:
         weights = open_weights(source, model)
-    return materialize(_split(model, grid, gemm_layout), grid, weights)
+    recording = _Recording(weights)
+    return materialize(_split(model, grid, gemm_layout), grid, recording), recording
 
 
 def _check(source: str, shape: dict, gemm_layout: str = "out_in") -> dict:
     grid = ProcessGrid.build(GridShape(**shape))
     expected = dict(_whole_then_split(source, grid, gemm_layout).named_parameters())
-    actual = dict(_meta_then_materialize(source, grid, gemm_layout).named_parameters())
+    model, recording = _meta_then_materialize(source, grid, gemm_layout)
+    actual = dict(model.named_parameters())
+    # Each rank reads its block, and of a depth-sharded block only the stored rows its shard touches.
+    over_read = [name for name, value in actual.items()
+                 if recording.values_read[name] > value.numel() + 2 * _stored_row(value)]
     different = [name for name, value in expected.items()
                  if name not in actual or actual[name].shape != value.shape or not torch.equal(actual[name], value)
                  or actual[name].requires_grad != value.requires_grad]
     meta = [name for name, value in actual.items() if value.is_meta]
-    gathered = torch.tensor([len(different) + len(meta) + (sorted(actual) != sorted(expected))])
+    gathered = torch.tensor([len(different) + len(meta) + len(over_read) + (sorted(actual) != sorted(expected))])
     torch.distributed.all_reduce(gathered)  # rank 0 reports every rank's verdict
     return {"source": source, "grid": shape, "layout": gemm_layout, "different": different, "meta": meta,
-            "problems_on_all_ranks": int(gathered)}
+            "over_read": over_read, "problems_on_all_ranks": int(gathered)}
+
+
+def _stored_row(parameter: torch.Tensor) -> int:
+    layout = parameter.tetra_layout
+    return max(layout.full_shape) if layout.depth else 0
 
 
 def check_materialize(rank: int, world: int, port: int, cases: list, out_path: str) -> None:

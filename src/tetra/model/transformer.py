@@ -5,8 +5,6 @@ Entry point: Transformer(config)(input_ids, ...) -> logits. No training and no p
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 

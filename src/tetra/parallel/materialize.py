@@ -12,7 +12,6 @@ import math
 import torch
 from torch import nn
 
-from tetra.model.initialization import Region
 from tetra.model.weight_sources import WeightSource
 from tetra.parallel.grid import ProcessGrid
 from tetra.parallel.layout import Layout

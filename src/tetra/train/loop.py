@@ -25,6 +25,7 @@ from tetra.data.shards import PreparedData
 from tetra.errors import ConfigError, DataError
 from tetra.model import Transformer
 from tetra.model.io import read_model_config
+from tetra.parallel.materialize import materialize
 from tetra.parallel.parallelize import parallelize
 from tetra.parallel.zero import ZeroOptimizer
 from tetra.train.distributed import Launch, is_main_rank, launched_world_size, start_distributed
@@ -162,7 +163,9 @@ def build_loop(config: RunConfig, explicit_model: dict[str, Any]) -> tuple[Loop,
     strategy = config.parallel.strategy if grid is not None else "4d"
     replica = Replica(grid, zero1=config.parallel.zero1, strategy=strategy)
     train_batches, val_batches = _open_batches(config, data, replica)
-    model, tokenizer_folder = build_model_for_run(config, explicit_model, data, device)
+    # A model the grid splits is built on the meta device: each rank then reads only its own pieces.
+    on_meta = replica.splits_model and not config.lora.enabled
+    model, tokenizer_folder, weights = build_model_for_run(config, explicit_model, data, device, on_meta)
     if config.lora.enabled:
         apply_lora(model, config.lora, base=config.init.checkpoint or None, seed=config.train.seed)
         check_peft_names(model)  # before training, not at the first checkpoint
@@ -184,6 +187,8 @@ def build_loop(config: RunConfig, explicit_model: dict[str, Any]) -> tuple[Loop,
         gemm_layouts = {f"{out}x{in_}": layout for (out, in_), layout in sorted(layouts.items())}
         parallelize(model, grid, overlap=config.parallel.overlap, gemm_layouts=layouts,
                     regather=config.parallel.regather)
+        if weights is not None:
+            materialize(model, grid, weights, device)
     if model.config.recurrent:  # r drawn per training forward; evaluation runs the mean
         attach_recurrence_sampler(model)
     if config.train.progressive_loss > 0:

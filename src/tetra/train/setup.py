@@ -1,6 +1,7 @@
 """Everything a run needs before its first step: the dataset, a model that fits it, and their consistency checks.
 
-Entry points: build_model_for_run(config, explicit_model, data) -> (model, tokenizer folder), auto_grid,
+Entry points: build_model_for_run(config, explicit_model, data, device, on_meta) -> (model, tokenizer folder, weight
+source), auto_grid,
 gemm_layouts_for_run, enable_activation_checkpointing.
 """
 
@@ -22,9 +23,11 @@ from tetra.data.tokenizer import TextTokenizer
 from tetra.errors import ConfigError, DataError
 from tetra.files import is_gguf_file
 from tetra.model import ModelConfig, Transformer
-from tetra.model.io import load_model
+from tetra.model.initialization import init_rules
+from tetra.model.io import load_model, read_model_config
 from tetra.model.presets import PRESETS
 from tetra.model.vocabulary import grow_vocabulary, reset_rows_to_mean
+from tetra.model.weight_sources import RandomWeights, WeightSource, open_weights
 from tetra.parallel.gemm_layout import IN_OUT, LayoutCache, Shape, agree_on_layouts, choose_layouts, default_cache_path
 from tetra.parallel.grid import ProcessGrid
 from tetra.parallel.parallelize import linear_block_shapes
@@ -99,32 +102,56 @@ def check_model_fits_data(model_config: ModelConfig, config: RunConfig, data: Pr
 
 
 def build_model_for_run(config: RunConfig, explicit_model: dict[str, Any], data: PreparedData,
-                        device: torch.device) -> tuple[Transformer, Path]:
-    """An fp32 model on `device` (random from a preset/config, or loaded from init.checkpoint) that fits the data."""
+                        device: torch.device, on_meta: bool = False
+                        ) -> tuple[Transformer, Path, WeightSource | None]:
+    """An fp32 model on `device` (random from a preset/config, or loaded from init.checkpoint) that fits the data,
+    and its tokenizer folder. on_meta: the model is built on the meta device, with no storage, and returned with the
+    WeightSource its values come from (parallel.materialize gives each rank only its pieces once the grid has split
+    it); a model whose vocabulary the data grows is still built whole (the source is then None)."""
     if config.init.checkpoint:
-        source = Path(config.init.checkpoint)
+        return _model_from_checkpoint(config, explicit_model, data, device, on_meta)
+    model_config = resolve_model_config(config, explicit_model, data)
+    check_model_fits_data(model_config, config, data, None)
+    if on_meta:
+        with torch.device("meta"):
+            model = Transformer(model_config)
+        shapes = {name: tuple(parameter.shape) for name, parameter in model.named_parameters()}
+        weights = RandomWeights(init_rules(model, config.init.std), shapes, config.train.seed)
+        return model.train(), data.tokenizer_folder, weights
+    torch.manual_seed(config.train.seed)
+    model = Transformer(model_config)
+    model.init_weights(config.init.std, seed=config.train.seed)  # the values a meta-built grid model draws
+    return model.to(device).train(), data.tokenizer_folder, None
+
+
+def _model_from_checkpoint(config: RunConfig, explicit_model: dict[str, Any], data: PreparedData,
+                           device: torch.device, on_meta: bool) -> tuple[Transformer, Path, WeightSource | None]:
+    source = Path(config.init.checkpoint)
+    own_tokenizer = source if (source / "tokenizer.json").is_file() or is_gguf_file(source) else None
+    if _data_extends_tokenizer(data, own_tokenizer):
+        # The data added tokens (refusal tokens) to this model's tokenizer: grow the vocabulary to match (a table
+        # with unused rows past its tokenizer needs no growth) and start the added rows at the mean.
         model = load_model(source, dtype=torch.float32, device=device)
         _check_explicit_keys_agree(model.config, explicit_model, source)
-        own_tokenizer = source if (source / "tokenizer.json").is_file() or is_gguf_file(source) else None
-        if _data_extends_tokenizer(data, own_tokenizer):
-            # The data added tokens (refusal tokens) to this model's tokenizer: grow the vocabulary to match (a
-            # table with unused rows past its tokenizer needs no growth) and start the added rows at the mean.
-            first = int(data.meta["base_vocab_size"])
-            grow_vocabulary(model, data.vocab_size)
-            reset_rows_to_mean(model, first, data.vocab_size)
-            model.added_token_rows = (first, data.vocab_size)
-            own_tokenizer = None
-        tokenizer_folder = own_tokenizer or data.tokenizer_folder
-        check_model_fits_data(model.config, config, data, own_tokenizer)
+        first = int(data.meta["base_vocab_size"])
+        grow_vocabulary(model, data.vocab_size)
+        reset_rows_to_mean(model, first, data.vocab_size)
+        model.added_token_rows = (first, data.vocab_size)
+        check_model_fits_data(model.config, config, data, None)
+        return model.train(), data.tokenizer_folder, None
+    weights = None
+    if on_meta:
+        model_config = read_model_config(source)
+        if is_gguf_file(source):
+            model_config.dtype = "float32"  # what load_model records for a dequantized GGUF model
+        with torch.device("meta"):
+            model = Transformer(model_config)
+        weights = open_weights(source, model)
     else:
-        model_config = resolve_model_config(config, explicit_model, data)
-        check_model_fits_data(model_config, config, data, None)
-        torch.manual_seed(config.train.seed)
-        model = Transformer(model_config)
-        model.init_weights(config.init.std)
-        model = model.to(device)
-        tokenizer_folder = data.tokenizer_folder
-    return model.train(), tokenizer_folder
+        model = load_model(source, dtype=torch.float32, device=device)
+    _check_explicit_keys_agree(model.config, explicit_model, source)
+    check_model_fits_data(model.config, config, data, own_tokenizer)
+    return model.train(), own_tokenizer or data.tokenizer_folder, weights
 
 
 def _data_extends_tokenizer(data: PreparedData, tokenizer_folder: Path | None) -> bool:
