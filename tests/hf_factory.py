@@ -60,6 +60,23 @@ def build_hf_model(variant: str, seed: int = 0, dtype: torch.dtype = torch.float
     return model.to(dtype).eval()
 
 
+def save_hf_folder(folder, variant: str, vocab_size: int = 96) -> str:
+    """A tiny transformers model (biases and norms perturbed) with a vocabulary every test grid divides, saved as a
+    Hugging Face folder with safetensors."""
+    from transformers import AutoModelForCausalLM
+
+    config = hf_config(variant)
+    config.vocab_size = vocab_size
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln_" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.1)
+    model.save_pretrained(folder, safe_serialization=True)
+    return str(folder)
+
+
 def save_tiny_base(folder, tokenizer_folder, max_positions: int = 128):
     """A tiny tetra Llama (seed 0) sized to a tokenizer, saved as a Hugging Face folder with that tokenizer: the
     base model fine-tuning tests start from."""

@@ -4,12 +4,10 @@ bit for bit, on several grids and from every checkpoint kind and family (tied an
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from hf_factory import hf_config
+from hf_factory import save_hf_folder
 from materialize_worker import check_materialize
 from tetra.model import ModelConfig, Transformer
 from tetra.model.initialization import TILE, InitRule, draw_region
@@ -55,26 +53,10 @@ def test_random_init_on_the_meta_device_equals_one_process_two_ranks():
     _assert_all_equal(spawn_collect(check_materialize, 2, cases))
 
 
-def _hf_folder(folder: Path, variant: str) -> str:
-    """A tiny transformers model with a vocabulary every grid here divides, saved as safetensors."""
-    from transformers import AutoModelForCausalLM
-
-    config = hf_config(variant)
-    config.vocab_size = 96
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith("bias") or "norm" in name or "ln_" in name:
-                parameter.add_(torch.randn_like(parameter) * 0.1)
-    model.save_pretrained(folder, safe_serialization=True)
-    return str(folder)
-
-
 def test_sharded_loading_equals_loading_whole_then_splitting_four_ranks(tmp_path):
     pytest.importorskip("transformers")
     # untied: llama-gqa2, qwen2, mistral; tied: llama-gqa4-tied, gpt2 (fused, transposed Conv1D), opt
-    folders = {variant: _hf_folder(tmp_path / variant, variant)
+    folders = {variant: save_hf_folder(tmp_path / variant, variant)
                for variant in ("llama-gqa2", "llama-gqa4-tied", "qwen2", "mistral", "gpt2", "opt")}
     tetra_checkpoint = str(save_model(load_model(folders["gpt2"], dtype=torch.float32), tmp_path / "tetra"))
     grids = [dict(row=2, col=2), dict(depth=2, row=2), dict(data=2, depth=2)]

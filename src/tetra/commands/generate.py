@@ -6,25 +6,36 @@ Entry point: register(subparsers).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
+
+import torch
 
 from tetra.commands.common import add_model_arguments, load_model_and_tokenizer, print_json
 from tetra.commands.context_args import add_context_arguments, context_options
+from tetra.config import ParallelConfig
 from tetra.data.bpe_dropout import DropoutBPE
+from tetra.data.gguf_tokenizer import load_tokenizer
 from tetra.data.refusal import refusal_table
+from tetra.devices import resolve_device, resolve_dtype
 from tetra.errors import ConfigError
 from tetra.infer.prompt_filter import PerplexityFilter
 from tetra.infer.recurrence import recurrence_settings
 from tetra.infer.refusal import decide_refusals
 from tetra.infer.sampling import SamplingConfig
 from tetra.infer.text import generate_text
+from tetra.parallel.decoding import load_split_model
+from tetra.train.distributed import Launch, is_main_rank, start_grid, stop_distributed
 
 EXAMPLES = """examples:
   tetra generate runs/demo/checkpoints/final --prompt "def fibonacci(n):" --max-new-tokens 64
   tetra generate ./Llama-3.2-1B --prompt "The capital of France is" --temperature 0
   tetra generate ./model --prompt "a" --prompt "b" --json      (batched, machine-readable)
   tetra generate ./model --prompt "$(cat long.txt) Summary:" --attention topk --budget 0.02 --prefill-chunk 2048
+  torchrun --nproc-per-node 4 -m tetra generate ./big-model --grid row=2,col=2 --prompt "Hello"
+      (tensor-parallel decoding: each process loads and holds only its share of the weights and the KV cache)
 """
 
 
@@ -55,6 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="recurrent-depth models: stop iterating once successive outputs differ by less than "
                              "this KL divergence (0 = always run R)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    parser.add_argument("--grid", metavar="row=R,col=C,depth=D",
+                        help="under torchrun: how the launched processes split the model (default: row = every "
+                             "process, so attention heads, MLP width and vocabulary are split); data takes the rest")
     add_context_arguments(parser)
     parser.set_defaults(handler=run)
 
@@ -99,7 +113,34 @@ def _retokenizer(tokenizer, args: argparse.Namespace, user_text_of: dict[str, st
         [{"role": "user", "content": user_text_of[text]}])
 
 
-def run(args: argparse.Namespace) -> int:
+def parse_grid(text: str) -> dict[str, int]:
+    """--grid row=2,col=2 -> {"row": 2, "col": 2}."""
+    sizes = {}
+    for item in text.split(","):
+        name, _, value = (part.strip() for part in item.partition("="))
+        if name not in ("data", "depth", "row", "col") or not value.isdigit() or int(value) < 1:
+            raise ConfigError(f"--grid {text!r}: each part must be NAME=N, NAME one of data, depth, row, col and N at "
+                              "least 1 (for example --grid row=2,col=2).")
+        sizes[name] = int(value)
+    return sizes
+
+
+def _load(args: argparse.Namespace):
+    """(model, tokenizer, on a grid?): one process loads the whole model; processes launched by torchrun (or --grid)
+    load only their pieces of it (parallel.decoding)."""
+    if Launch.from_environment().world == 1 and not args.grid:
+        return (*load_model_and_tokenizer(args), False)
+    if args.adapter:
+        raise ConfigError("--adapter is not supported on a grid yet: merge the adapter first (tetra convert "
+                          "merge-lora) or generate in one process.")
+    sizes = parse_grid(args.grid) if args.grid else {"row": Launch.from_environment().world}
+    grid, device = start_grid(ParallelConfig(**sizes), resolve_device(args.device))
+    tokenizer = load_tokenizer(Path(args.tokenizer or args.model))
+    model = load_split_model(args.model, grid, device, resolve_dtype(args.dtype, device) or torch.float32)
+    return model, tokenizer, True
+
+
+def _generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens}).")
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
@@ -108,7 +149,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--refusal-threshold must lie in [0, 1] (got {args.refusal_threshold}).")
     if not 0 <= args.retokenize < 1:
         raise ConfigError(f"--retokenize must lie in [0, 1) (got {args.retokenize}).")
-    model, tokenizer = load_model_and_tokenizer(args)
+    model, tokenizer, on_grid = _load(args)
+    if on_grid and not is_main_rank():  # every rank decodes the same tokens; one of them prints
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+        sys.stderr = sys.stdout
     flagged = _screen(model, tokenizer, args)
     if len(flagged) == len(args.prompt):
         if args.json:
@@ -168,3 +212,15 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(f"--- {completion.prompt}\n{completion.prompt}{completion.text}\n")
     sys.stderr.write(f"{tokens} tokens in {seconds:.2f} s ({tokens / seconds:.1f} tokens/s)\n")
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Generate, and on a grid leave the process group cleanly (or, after an error on this rank, without waiting)."""
+    succeeded = False
+    try:
+        code = _generate(args)
+        succeeded = True
+        return code
+    finally:
+        if torch.distributed.is_initialized():
+            stop_distributed(succeeded)

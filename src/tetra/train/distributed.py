@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from tetra.config import RunConfig
+from tetra.config import ParallelConfig, RunConfig
 from tetra.devices import resolve_device
 from tetra.errors import ConfigError
 from tetra.parallel.grid import GridShape, ProcessGrid
@@ -47,11 +47,15 @@ def launched_world_size() -> int:
 
 def start_distributed(config: RunConfig) -> tuple[ProcessGrid | None, torch.device]:
     """None for a plain single-process run; otherwise the grid over every launched process."""
+    return start_grid(config.parallel, resolve_device(config.run.device))
+
+
+def start_grid(parallel: ParallelConfig, device: torch.device) -> tuple[ProcessGrid | None, torch.device]:
+    """The grid of these sizes over every launched process (None for one plain process), its process group started
+    (NCCL on GPUs, gloo on CPUs), and this rank's device."""
     launch = Launch.from_environment()
     world = launch.world
-    parallel = config.parallel
     wants_grid = world > 1 or any(getattr(parallel, name) > 1 for name in ("data", "depth", "row", "col"))
-    device = resolve_device(config.run.device)
     if not wants_grid:
         return None, device
     shape = GridShape.infer(world, parallel.data, parallel.depth, parallel.row, parallel.col)
