@@ -3,6 +3,7 @@ into another grid, into one process, and into `tetra convert to-hf`."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -62,6 +63,19 @@ def test_two_processes_match_one_and_checkpoints_move_between_grids(prepared_dat
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf").config.hidden_size == 32
+
+    # Tensor-parallel decoding from the sharded checkpoint (each rank reads its pieces): the tokens of one process.
+    final = str(tmp_path / "grid" / "checkpoints" / "step-0000004")
+    arguments = ["generate", final, "--prompt", "def main(", "--prompt", "import", "--temperature", "0",
+                 "--max-new-tokens", "8", "--json"]
+    single_process = subprocess.run([sys.executable, "-m", "tetra", *arguments], capture_output=True, text=True,
+                                    timeout=300)
+    on_grid = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                              "--master-port", str(free_port()), "-m", "tetra", *arguments, "--grid", "col=2"],
+                             capture_output=True, text=True, timeout=300)
+    assert single_process.returncode == 0 and on_grid.returncode == 0, on_grid.stderr[-3000:]
+    expected = [row["text"] for row in json.loads(single_process.stdout)["completions"]]
+    assert [row["text"] for row in json.loads(on_grid.stdout)["completions"]] == expected  # rank 0 alone prints
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
