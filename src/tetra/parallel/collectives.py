@@ -121,14 +121,18 @@ def start_all_gather_flat(shard: torch.Tensor, group: Group, blocking: bool = Fa
     """all_gather_flat, possibly still running."""
     if _size(group) == 1:
         return Pending(None, lambda: shard)
-    pieces = [torch.empty_like(shard) for _ in range(_size(group))]
+    # Every rank's piece lands straight in its place in one buffer: no second, concatenated copy of the block.
+    gathered = shard.new_empty(shard.numel() * _size(group))
+    pieces = list(gathered.chunk(_size(group)))
     source = shard.detach().contiguous()
     return _start(blocking, lambda async_op: dist.all_gather(pieces, source, group=group, async_op=async_op),
-                  lambda: torch.cat(pieces))
+                  lambda: gathered)
 
 
-def start_reduce_scatter_flat(flat: torch.Tensor, group: Group, blocking: bool = False) -> Pending:
-    """reduce_scatter_flat, possibly still running (gloo: an all-reduce, then this rank's slice)."""
+def start_reduce_scatter_flat(flat: torch.Tensor, group: Group, blocking: bool = False,
+                              overwrite: bool = False) -> Pending:
+    """reduce_scatter_flat, possibly still running (gloo: an all-reduce, then this rank's slice). overwrite: the
+    caller's buffer may serve as the all-reduce's own (one copy of a whole block less)."""
     size = _size(group)
     if size == 1:
         return Pending(None, lambda: flat)
@@ -137,7 +141,7 @@ def start_reduce_scatter_flat(flat: torch.Tensor, group: Group, blocking: bool =
         source = flat.contiguous()
         return _start(blocking, lambda async_op: dist.reduce_scatter_tensor(out, source, group=group,
                                                                              async_op=async_op), lambda: out)
-    summed = flat.clone()
+    summed = flat if overwrite else flat.clone()
     rank = dist.get_rank(group)
     return _start(blocking, lambda async_op: dist.all_reduce(summed, group=group, async_op=async_op),
                   lambda: summed.chunk(size)[rank].clone())

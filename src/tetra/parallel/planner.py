@@ -229,7 +229,9 @@ def predict(config: ModelConfig, shape: GridShape, global_batch: int, seq_len: i
     parameters = config.num_parameters() / (shape.row * shape.col * shape.depth)
     micro_tokens = local_tokens / micro_steps
     kept, transient = activation_bytes(recompute, shape.row * shape.col)
-    activations = (config.n_layers * kept + transient) * micro_tokens * config.hidden_size
+    # activation_bytes counts bf16 values; fp32 training (value_bytes = 4) keeps twice the bytes
+    activations = (config.n_layers * kept + transient) * micro_tokens * config.hidden_size * value_bytes \
+        / ACTIVATION_BYTES
     activations += micro_tokens * config.vocab_size / shape.row * 4  # the fp32 logits of the local vocabulary
     trained = 0 if prediction.frozen else 1
     prediction.memory = {"parameters": (2 if prediction.frozen else 4) * parameters,

@@ -145,8 +145,12 @@ class TensorParallelLinear(nn.Module):
     def reduce_scatter_weight_grad(self, grad_weight: torch.Tensor) -> None:
         """Sum the block's gradient over depth, keep this rank's shard (zero padding as in the forward gather),
         and add it to the shard's gradient once the collective is done."""
-        padded = grad_weight.new_zeros(self.weight.numel() * self.grid.size("depth"))
-        padded[:grad_weight.numel()] = grad_weight.reshape(-1)
+        size = self.weight.numel() * self.grid.size("depth")
+        if grad_weight.numel() == size:  # no padding: the GEMM's fresh output is summed in place
+            padded = grad_weight.reshape(-1)
+        else:
+            padded = grad_weight.new_zeros(size)
+            padded[:grad_weight.numel()] = grad_weight.reshape(-1)
 
         def add_to_grad(shard_grad: torch.Tensor) -> None:
             if self.weight.grad is None:
@@ -155,7 +159,8 @@ class TensorParallelLinear(nn.Module):
                 self.weight.grad += shard_grad
             self.schedule.gradient_final(self.weight)
 
-        self.schedule.defer(start_reduce_scatter_flat(padded, self.depth_group, self.schedule.blocking), add_to_grad)
+        self.schedule.defer(start_reduce_scatter_flat(padded, self.depth_group, self.schedule.blocking,
+                                                      overwrite=True), add_to_grad)
 
 
 class VocabParallelEmbedding(nn.Module):
