@@ -18,3 +18,7 @@ class DataError(TetraError):
 
 class CheckpointError(TetraError):
     """A checkpoint is missing, corrupt, or does not fit the model it is loaded into."""
+
+
+class ResourceError(TetraError):
+    """The run needs more of the machine (memory, devices) than it has; the message says what would fit."""

@@ -288,7 +288,7 @@ def valid_grids(config: ModelConfig, devices: int, global_batch: int, micro_batc
 
 def plan(config: ModelConfig, devices: int, global_batch: int, seq_len: int, machine: MachineProfile,
          zero1: bool = False, micro_batch: int = 1, overlap: bool = True, regather: bool = False,
-         recompute: str = "none", finetune: str = "full") -> list[Prediction]:
+         recompute: str = "none", finetune: str = "full", value_bytes: int = ACTIVATION_BYTES) -> list[Prediction]:
     """Valid grids ranked: those that fit in memory first, each group by predicted step time."""
     grids = valid_grids(config, devices, global_batch, micro_batch)
     if not grids:
@@ -296,6 +296,6 @@ def plan(config: ModelConfig, devices: int, global_batch: int, seq_len: int, mac
                           f"(micro-batches of {micro_batch}): the sizes it splits (hidden, heads, KV heads, MLP width, "
                           "vocabulary) and the batch must divide by the grid's dimensions.")
     predictions = [predict(config, shape, global_batch, seq_len, machine, zero1, micro_batch, overlap=overlap,
-                           regather=regather, recompute=recompute, finetune=finetune)
+                           regather=regather, recompute=recompute, finetune=finetune, value_bytes=value_bytes)
                    for shape in grids]
     return sorted(predictions, key=lambda p: (not p.fits, p.step_time))

@@ -1,5 +1,6 @@
-"""Sharded checkpoints for 4D-parallel runs: each rank writes its own [row, col] blocks with
-torch.distributed.checkpoint; loading reshards them onto any grid.
+"""Sharded checkpoints for 4D-parallel runs: each rank writes the pieces it stores (its [row, col] blocks, or their
+depth shards as rectangles of the full tensors) with torch.distributed.checkpoint; loading reshards them onto any
+grid, each rank reading only its own pieces.
 
 Entry points: shard_state(model, optimizer, grid) (what checkpoint_write saves) and
 load_shards(folder, model, optimizer, grid).
@@ -7,6 +8,7 @@ load_shards(folder, model, optimizer, grid).
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -14,36 +16,45 @@ import torch
 
 from tetra.model import Transformer
 from tetra.model.sharded_io import SHARDS, sharded_metadata
-from tetra.parallel.grid import DIMENSIONS, ProcessGrid
-from tetra.parallel.layout import Layout, gather_block, shard
+from tetra.parallel.grid import ProcessGrid
+from tetra.parallel.layout import Layout
+from tetra.parallel.pieces import Rectangle, local_views, rank_rectangles
 from tetra.parallel.zero import optimizer_state_of, set_optimizer_state
 
-# torch.distributed.checkpoint and DTensor are imported inside the functions: together they cost over a second at
-# start-up, and only parallel runs that save or load need them.
+# torch.distributed.checkpoint and its sharded-tensor type are imported inside the functions: they cost over a
+# second at start-up, and only parallel runs that save or load need them.
 
 
-def _mesh(grid: ProcessGrid, device: torch.device) -> Any:
-    """A DeviceMesh with the grid's rank order (row-major over data, depth, row, col, like ProcessGrid)."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    shape = tuple(getattr(grid.shape, name) for name in DIMENSIONS)
-    return init_device_mesh(device.type, shape, mesh_dim_names=DIMENSIONS)
-
-
-def _placements(layout: Layout) -> list:
-    """Replicated over data and depth (depth shards are gathered to whole blocks), split like the layout."""
-    from torch.distributed.tensor import Replicate, Shard
-
-    row = Shard(layout.row_dim) if layout.row_dim is not None else Replicate()
-    col = Shard(layout.col_dim) if layout.col_dim is not None else Replicate()
-    return [Replicate(), Replicate(), row, col]
+def _all_rectangles(layout: Layout, grid: ProcessGrid) -> list[Rectangle]:
+    """Every distinct rectangle the ranks of one model replica store (a replicated block counted once)."""
+    shape, seen, found = grid.shape, set(), []
+    for depth, row, col in itertools.product(range(shape.depth), range(shape.row), range(shape.col)):
+        for rectangle in rank_rectangles(layout, shape, {"data": 0, "depth": depth, "row": row, "col": col}):
+            if rectangle.offsets not in seen:
+                seen.add(rectangle.offsets)
+                found.append(rectangle)
+    return found
 
 
-def _as_dtensor(block: torch.Tensor, layout: Layout, mesh: Any) -> Any:
-    from torch.distributed.tensor import DTensor
+def _sharded(local: torch.Tensor, layout: Layout, grid: ProcessGrid) -> Any:
+    """The rank's stored tensor as a ShardedTensor of the full tensor whose local shards are views of it (no copy):
+    torch.distributed.checkpoint writes (once, if replicated) or fills exactly these rectangles."""
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensorBase
+    from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 
-    full = torch.empty(layout.full_shape, device="meta")
-    return DTensor.from_local(block, mesh, _placements(layout), shape=full.shape, stride=full.stride())
+    mine = rank_rectangles(layout, grid.shape, grid.coords)
+    device = f"rank:{grid.rank}/{local.device.type}"
+    shards = [Shard(view, ShardMetadata(list(rectangle.offsets), list(rectangle.sizes), device))
+              for view, rectangle in zip(local_views(local, layout, mine), mine, strict=True)]
+    everyone = [ShardMetadata(list(rectangle.offsets), list(rectangle.sizes), device)
+                for rectangle in _all_rectangles(layout, grid)]
+    properties = TensorProperties(dtype=local.dtype, layout=torch.strided, requires_grad=False,
+                                  memory_format=torch.contiguous_format, pin_memory=False)
+    metadata = ShardedTensorMetadata(everyone, torch.Size(layout.full_shape), properties)
+    sharded = ShardedTensorBase._init_from_local_shards_and_global_metadata(shards, metadata)
+    sharded._process_group = None  # read by its size() dispatch; the checkpoint's own collectives pick the group
+    return sharded
 
 
 def _entries(model: Transformer, optimizer: torch.optim.Optimizer):
@@ -56,55 +67,39 @@ def _entries(model: Transformer, optimizer: torch.optim.Optimizer):
 
 def shard_state(model: Transformer, optimizer: torch.optim.Optimizer, grid: ProcessGrid,
                 copy: bool = False) -> dict[str, Any]:
-    """Collective (depth shards are gathered): this rank's blocks of weights and optimizer state as DTensors,
-    ready for torch.distributed.checkpoint.save, which writes replicated pieces once. copy: a snapshot that later
-    steps cannot change (for a background write)."""
-    mesh = _mesh(grid, next(model.parameters()).device)
+    """This rank's stored pieces of weights and optimizer state as sharded tensors of the full tensors, ready for
+    torch.distributed.checkpoint.save, which writes replicated pieces once. Depth shards are written as they are:
+    nothing is gathered. copy: a snapshot that later steps cannot change (for a background write)."""
     state = {}
     for key, value, parameter in _entries(model, optimizer):
-        layout = parameter.tetra_layout
         if value.shape != parameter.shape:  # a scalar like AdamW's step
             state[key] = value.detach().clone()
         else:
-            block = gather_block(value.detach(), layout, grid)
-            state[key] = _as_dtensor(block.clone() if copy else block, layout, mesh)
+            local = value.detach()
+            state[key] = _sharded(local.clone() if copy else local, parameter.tetra_layout, grid)
     return state
 
 
 def load_shards(folder: Path, model: Transformer, optimizer: torch.optim.Optimizer, grid: ProcessGrid) -> None:
-    """Collective: read this rank's pieces of a sharded checkpoint written on any grid."""
+    """Collective: read this rank's pieces of a sharded checkpoint written on any grid, straight into the weights
+    (and into optimizer state of the weights' shapes): no rank reads more than it stores."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.tensor import DTensor
 
-    mesh = _mesh(grid, next(model.parameters()).device)
     names = sharded_metadata(folder)
     parameters = dict(model.named_parameters())
-    targets = {}
+    targets, states = {}, {}
     for key, item in names.items():
         name = key.split("/", 1)[1].rsplit("/", 1)[0] if key.startswith("optim/") else key.split("/", 1)[1]
-        layout = parameters[name].tetra_layout
+        parameter = parameters[name]
         if len(item.size) == 0:
             targets[key] = torch.zeros((), dtype=item.properties.dtype)
-        else:
-            block = torch.zeros(layout.block_shape(grid), dtype=item.properties.dtype)
-            targets[key] = _as_dtensor(block, layout, mesh)
+            continue
+        local = parameter.data if key.startswith("model/") else \
+            torch.zeros(parameter.shape, dtype=item.properties.dtype, device=parameter.device)
+        states[key] = local
+        targets[key] = _sharded(local, parameter.tetra_layout, grid)
     dcp.load(targets, checkpoint_id=str(folder / SHARDS))
-    with torch.no_grad():
-        for key, value in targets.items():
-            name = key.split("/", 1)[1]
-            if key.startswith("model/"):
-                parameter = parameters[name]
-                parameter.copy_(_depth_piece(value.to_local(), parameter.tetra_layout, grid))
-            else:
-                name, field = name.rsplit("/", 1)
-                parameter = parameters[name]
-                local = value if not isinstance(value, DTensor) else _depth_piece(value.to_local(),
-                                                                                   parameter.tetra_layout, grid)
-                set_optimizer_state(optimizer, parameter, field, local)
-
-
-def _depth_piece(block: torch.Tensor, layout: Layout, grid: ProcessGrid) -> torch.Tensor:
-    """What this rank stores of a whole [row, col] block: transposed if its layout says so, then its depth shard."""
-    if not layout.depth and not layout.transposed:
-        return block
-    return shard(block, Layout(tuple(block.shape), depth=layout.depth, transposed=layout.transposed), grid)
+    for key, value in targets.items():
+        if key.startswith("optim/"):
+            name, field = key.split("/", 1)[1].rsplit("/", 1)
+            set_optimizer_state(optimizer, parameters[name], field, states.get(key, value))

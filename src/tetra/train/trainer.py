@@ -18,15 +18,17 @@ from typing import Any
 import torch
 
 from tetra.config import RunConfig
+from tetra.devices import resolve_device
 from tetra.errors import TetraError
 from tetra.files import write_json
 from tetra.model.hf_export import export_hf_streaming
 from tetra.train.checkpoint import latest_checkpoint, load_checkpoint
 from tetra.train.checkpoint_write import CheckpointTarget
 from tetra.train.checkpointer import Checkpointer
-from tetra.train.distributed import agree_on_flags, is_main_rank
+from tetra.train.distributed import agree_on_flags, is_main_rank, launched_world_size
 from tetra.train.health import StepHealth, is_nonfinite
 from tetra.train.loop import Loop, build_loop
+from tetra.train.memory_advice import data_bytes, is_out_of_memory, out_of_memory_error
 from tetra.train.metrics import MetricsSink, flops_per_token, peak_flops, plot_losses, truncate_metrics
 from tetra.train.optim import lr_at
 from tetra.train.progress import ProgressReporter
@@ -225,7 +227,21 @@ def train(config: RunConfig, explicit_model: dict[str, Any], resume: str | None 
           show_progress: bool = True) -> TrainResult:
     """Run (or resume) training as configured; the run folder gets config.toml, metrics.jsonl, checkpoints, loss.png.
 
-    Under torchrun every rank calls this; rank 0 alone writes files."""
+    Under torchrun every rank calls this; rank 0 alone writes files. Running out of memory anywhere (building,
+    loading, a step, a save) becomes a ResourceError naming what this grid needs and the planner's grid that fits;
+    checkpoints already written stay as they are."""
+    runtime = data_bytes()
+    try:
+        return _train(config, explicit_model, resume, show_progress)
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        device = resolve_device(config.run.device)
+        raise out_of_memory_error(config, explicit_model, device, launched_world_size(), runtime) from None
+
+
+def _train(config: RunConfig, explicit_model: dict[str, Any], resume: str | None,
+           show_progress: bool) -> TrainResult:
     run_dir = Path(config.run.dir)
     check_resume_request(resume, run_dir)
     loop, tokenizer_folder = build_loop(config, explicit_model)
