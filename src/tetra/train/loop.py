@@ -43,7 +43,7 @@ from tetra.train.setup import (
     gemm_layouts_for_run,
     resolve_model_config,
 )
-from tetra.train.torch_strategies import wrap_model
+from tetra.train.torch_strategies import materialize_fsdp, wrap_model
 
 
 @dataclass
@@ -164,7 +164,7 @@ def build_loop(config: RunConfig, explicit_model: dict[str, Any]) -> tuple[Loop,
     replica = Replica(grid, zero1=config.parallel.zero1, strategy=strategy)
     train_batches, val_batches = _open_batches(config, data, replica)
     # A model the grid splits is built on the meta device: each rank then reads only its own pieces.
-    on_meta = replica.splits_model and not config.lora.enabled
+    on_meta = (replica.splits_model or strategy == "fsdp2") and not config.lora.enabled
     model, tokenizer_folder, weights = build_model_for_run(config, explicit_model, data, device, on_meta)
     if config.lora.enabled:
         apply_lora(model, config.lora, base=config.init.checkpoint or None, seed=config.train.seed)
@@ -200,6 +200,8 @@ def build_loop(config: RunConfig, explicit_model: dict[str, Any]) -> tuple[Loop,
         attach_neftune(model, config.train.neftune.alpha, grid if replica.splits_model else None)
     enable_activation_checkpointing(model, recomputed_part(config.train.activation_checkpointing))
     forward_model = wrap_model(model, strategy, device)  # DDP wraps; FSDP2 shards the model in place
+    if weights is not None and strategy == "fsdp2":
+        materialize_fsdp(model, weights, device)
     forward_model = torch.compile(forward_model) if config.train.compile else forward_model
     optimizer = build_optimizer(model, config.train, grid if replica.splits_model else None, config.parallel.zero1)
     # Training's own random draws (NEFTune's noise, LoRA's dropout) start here from train.seed, the same on every

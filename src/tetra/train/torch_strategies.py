@@ -1,7 +1,8 @@
 """Torch's own data-parallel strategies, as baselines beside the 4D grid: DistributedDataParallel (every rank holds
 the whole model) and FSDP2 fully_shard (parameters, gradients and optimizer state sharded over the ranks).
 
-Entry points: wrap_model(model, strategy, device), gradient_sync(model, strategy, enabled), full_tensor(value).
+Entry points: wrap_model(model, strategy, device), materialize_fsdp(model, weights, device),
+gradient_sync(model, strategy, enabled), full_tensor(value).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import contextlib
 
 import torch
 from torch import nn
+
+from tetra.model.weight_sources import WeightSource
 
 STRATEGIES = ("4d", "ddp", "fsdp2")
 TORCH_STRATEGIES = ("ddp", "fsdp2")
@@ -29,6 +32,22 @@ def wrap_model(model: nn.Module, strategy: str, device: torch.device) -> nn.Modu
             fully_shard(block)
         fully_shard(model)
     return model
+
+
+def materialize_fsdp(model: nn.Module, weights: WeightSource, device: torch.device) -> None:
+    """Give a model fully_shard split while it was on the meta device its values: each rank reads only the rows of
+    each tensor its shard holds (the same numbers one process has)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            local = parameter.to_local()
+            shape, offset = compute_local_shape_and_global_offset(parameter.shape, parameter.device_mesh,
+                                                                  parameter.placements)
+            if local.numel():
+                region = tuple((start, start + size) for start, size in zip(offset, shape, strict=True))
+                local.copy_(weights.read(name, region).reshape(local.shape))
 
 
 def gradient_sync(model: nn.Module, strategy: str, enabled: bool) -> contextlib.AbstractContextManager:
