@@ -64,6 +64,16 @@ def test_two_processes_match_one_and_checkpoints_move_between_grids(prepared_dat
 
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf").config.hidden_size == 32
 
+    # A new run on a depth grid starts from the sharded checkpoint, each rank reading only its depth shards, and
+    # trains like one process started from it.
+    start = {"init": {"checkpoint": str(tmp_path / "grid" / "checkpoints" / "step-0000004")}, **OVERRIDES}
+    whole_batch = {**start, "train": {**OVERRIDES["train"], "batch_size": 8}}  # = 2 depth ranks x 4 sequences
+    alone = trainer.train(*run_config(prepared_data, tmp_path / "from-one", **whole_batch), show_progress=False)
+    (tmp_path / "from.toml").write_text(dump_toml(run_values(prepared_data, tmp_path / "from-grid", **start)))
+    _torchrun(tmp_path / "from.toml", "parallel.depth=2")
+    for step, loss in _losses(alone.run_dir).items():
+        assert _losses(tmp_path / "from-grid")[step] == pytest.approx(loss, rel=1e-5), step
+
     # Tensor-parallel decoding from the sharded checkpoint (each rank reads its pieces): the tokens of one process.
     final = str(tmp_path / "grid" / "checkpoints" / "step-0000004")
     arguments = ["generate", final, "--prompt", "def main(", "--prompt", "import", "--temperature", "0",

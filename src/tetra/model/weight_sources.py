@@ -4,7 +4,8 @@ safetensors files are read with slice reads, so no full tensor is ever in memory
 fused Conv1D tensors included). GGUF tensors (quantized in blocks) and a parallel run's DCP shards are read one
 full tensor at a time.
 
-Entry points: WeightSource (shapes + read(name, region)), RandomWeights, TensorDictWeights, open_weights(path, model).
+Entry points: WeightSource (shapes + read(name, region)), RandomWeights, TensorDictWeights, ZeroWeights,
+open_weights(path, model).
 """
 
 from __future__ import annotations
@@ -47,6 +48,16 @@ class RandomWeights:
 
     def read(self, name: str, region: Region) -> torch.Tensor:
         return draw_region(self.rules[name], name, self.shapes[name], region, self.seed)
+
+
+class ZeroWeights:
+    """Zeros of the given shapes: storage for values another reader fills in afterwards."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        self.shapes = shapes
+
+    def read(self, name: str, region: Region) -> torch.Tensor:
+        return torch.zeros(tuple(stop - start for start, stop in region))
 
 
 class TensorDictWeights:
@@ -95,7 +106,9 @@ class CheckpointWeights:
     """A tetra checkpoint: model.safetensors (slice reads) or a parallel run's shards (one full tensor at a time)."""
 
     def __init__(self, folder: Path) -> None:
+        self.folder = folder
         self._tensors = CheckpointTensors(folder)
+        self.sharded = self._tensors.sharded  # a parallel run's shards: on a grid, read them with load_shards
         self._files = None if self._tensors.sharded else _SafetensorsFiles(folder)
         self.shapes = self._tensors.shapes
 

@@ -25,6 +25,7 @@ from tetra.data.shards import PreparedData
 from tetra.errors import ConfigError, DataError
 from tetra.model import Transformer
 from tetra.model.io import read_model_config
+from tetra.model.weight_sources import CheckpointWeights, ZeroWeights
 from tetra.parallel.materialize import materialize
 from tetra.parallel.parallelize import parallelize
 from tetra.parallel.zero import ZeroOptimizer
@@ -43,6 +44,7 @@ from tetra.train.setup import (
     gemm_layouts_for_run,
     resolve_model_config,
 )
+from tetra.train.sharded_checkpoint import load_shards
 from tetra.train.torch_strategies import materialize_fsdp, wrap_model
 
 
@@ -187,7 +189,10 @@ def build_loop(config: RunConfig, explicit_model: dict[str, Any]) -> tuple[Loop,
         gemm_layouts = {f"{out}x{in_}": layout for (out, in_), layout in sorted(layouts.items())}
         parallelize(model, grid, overlap=config.parallel.overlap, gemm_layouts=layouts,
                     regather=config.parallel.regather)
-        if weights is not None:
+        if isinstance(weights, CheckpointWeights) and weights.sharded:  # a parallel run's shards: piece by piece
+            materialize(model, grid, ZeroWeights(weights.shapes), device)
+            load_shards(weights.folder, model, None, grid)
+        elif weights is not None:
             materialize(model, grid, weights, device)
     if model.config.recurrent:  # r drawn per training forward; evaluation runs the mean
         attach_recurrence_sampler(model)

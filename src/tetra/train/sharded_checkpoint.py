@@ -80,15 +80,19 @@ def shard_state(model: Transformer, optimizer: torch.optim.Optimizer, grid: Proc
     return state
 
 
-def load_shards(folder: Path, model: Transformer, optimizer: torch.optim.Optimizer, grid: ProcessGrid) -> None:
+def load_shards(folder: Path, model: Transformer, optimizer: torch.optim.Optimizer | None,
+                grid: ProcessGrid) -> None:
     """Collective: read this rank's pieces of a sharded checkpoint written on any grid, straight into the weights
-    (and into optimizer state of the weights' shapes): no rank reads more than it stores."""
+    (and into optimizer state of the weights' shapes; optimizer=None: the weights only, as a run that starts from
+    the checkpoint needs): no rank reads more than it stores."""
     import torch.distributed.checkpoint as dcp
 
     names = sharded_metadata(folder)
     parameters = dict(model.named_parameters())
     targets, states = {}, {}
     for key, item in names.items():
+        if optimizer is None and not key.startswith("model/"):
+            continue
         name = key.split("/", 1)[1].rsplit("/", 1)[0] if key.startswith("optim/") else key.split("/", 1)[1]
         parameter = parameters[name]
         if len(item.size) == 0:
