@@ -237,6 +237,9 @@ def predict(config: ModelConfig, shape: GridShape, global_batch: int, seq_len: i
     prediction.memory = {"parameters": (2 if prediction.frozen else 4) * parameters,
                          "gradients": 4 * parameters * trained,
                          "optimizer": 8 * parameters * trained / (shape.data if zero1 else 1),
+                         # the data-parallel sums run on flat copies of the gradients (buckets), all in flight at
+                         # the end of backward (ZeRO-1's reduce-scatter likewise)
+                         "gradient_buckets": 4 * parameters * trained if shape.data > 1 else 0.0,
                          "activations": activations,
                          "gathered_weights": _gathered_weight_bytes(config, shape, regather, value_bytes)}
     prediction.fits = sum(prediction.memory.values()) <= 0.9 * machine.memory_gb * 1e9
