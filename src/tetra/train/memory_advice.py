@@ -8,6 +8,7 @@ Entry points: is_out_of_memory(error), data_bytes(), out_of_memory_error(config,
 
 from __future__ import annotations
 
+import re
 import resource
 from typing import Any
 
@@ -72,7 +73,7 @@ def data_bytes() -> int:
 
 
 def out_of_memory_error(config: RunConfig, explicit_model: dict[str, Any], device: torch.device,
-                        world: int, runtime_bytes: int = 0) -> ResourceError:
+                        world: int, runtime_bytes: int = 0, cause: BaseException | None = None) -> ResourceError:
     """The paragraph for a run that ran out of memory on `world` processes of `device`; runtime_bytes: what each
     process used before building anything (data_bytes() at the start), taken from what the model may use."""
     model_config = _model_config(config, explicit_model)
@@ -92,7 +93,7 @@ def out_of_memory_error(config: RunConfig, explicit_model: dict[str, Any], devic
     message = (f"Out of memory: training {sizes} on {world} process(es) as data {shape.data} x depth {shape.depth} "
                f"x row {shape.row} x col {shape.col} needs about {here / GIB:.2f} GiB per process (weights, "
                f"gradients and AdamW state in fp32, activations: the planner's estimate), but a process here has "
-               f"{available / GIB:.2f} GiB on {device}.")
+               f"{available / GIB:.2f} GiB on {device}{_failed_allocation(cause)}.")
     suggestion = _smallest_grid_that_fits(model_config, global_batch, config, machine, options, available, world)
     if suggestion is None:
         return ResourceError(message + " No grid of up to 4096 processes fits this batch; lower train.batch_size "
@@ -106,6 +107,12 @@ def out_of_memory_error(config: RunConfig, explicit_model: dict[str, Any], devic
         f"parallel.row={grid.row} parallel.col={grid.col} (or parallel.auto = true), with train.batch_size = "
         f"{global_batch // (grid.data * grid.depth)}. `tetra plan` shows the alternatives; LoRA and "
         "activation checkpointing need less.")
+
+
+def _failed_allocation(cause: BaseException | None) -> str:
+    """', where allocating N bytes failed' from torch's CPU allocator message (nothing when it says no size)."""
+    match = re.search(r"allocate (\d+) bytes", str(cause or ""))
+    return f", where allocating {int(match[1]) / 2**20:.1f} MiB failed" if match else ""
 
 
 def _smallest_grid_that_fits(model_config: ModelConfig, global_batch: int, config: RunConfig,

@@ -237,7 +237,7 @@ def train(config: RunConfig, explicit_model: dict[str, Any], resume: str | None 
         if not is_out_of_memory(error):
             raise
         device = resolve_device(config.run.device)
-        raise out_of_memory_error(config, explicit_model, device, launched_world_size(), runtime) from None
+        raise out_of_memory_error(config, explicit_model, device, launched_world_size(), runtime, error) from None
 
 
 def _train(config: RunConfig, explicit_model: dict[str, Any], resume: str | None,
