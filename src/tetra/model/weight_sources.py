@@ -1,6 +1,7 @@
 """Where a model's starting weights come from, read region by region under tetra's names: random initialization,
 a tetra checkpoint, a Hugging Face folder or a GGUF file. A rank of a split model asks only for its own pieces;
-safetensors files are read with slice reads, so no full tensor is ever in memory for them (GPT-2's transposed and
+safetensors files are read with positioned reads of just those bytes (no memory map), so no full tensor is ever in
+memory for them (GPT-2's transposed and
 fused Conv1D tensors included). GGUF tensors (quantized in blocks) and a parallel run's DCP shards are read one
 full tensor at a time.
 
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from tetra.errors import CheckpointError
 from tetra.files import is_gguf_file, read_json
@@ -25,6 +25,7 @@ from tetra.model.gguf_io import GGUFTensors
 from tetra.model.hf_weights import BASE_MODEL_PREFIX, COPY, FUSED_QKV, IGNORED_SUFFIXES, hf_tensor_plan
 from tetra.model.initialization import InitRule, Region, draw_region
 from tetra.model.io import TETRA_CONFIG, check_tensors
+from tetra.model.safetensors_slices import SafetensorsSlices
 from tetra.model.transformer import Transformer
 
 
@@ -72,11 +73,9 @@ class TensorDictWeights:
 
 
 class _SafetensorsFiles:
-    """Every tensor name of a folder's safetensors files (single or indexed), and slice reads from them."""
+    """Every tensor name of a folder's safetensors files (single or indexed), and region reads from them."""
 
     def __init__(self, folder: Path, stem: str = "model") -> None:
-        self.file_of: dict[str, Path] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
         single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
         if single.is_file():
             files = [single]
@@ -86,20 +85,17 @@ class _SafetensorsFiles:
         else:
             raise CheckpointError(f"{folder} has no {single.name} and no {index.name}: it holds no model weights "
                                   "tetra can read (pickled .bin files are never loaded; re-save as safetensors).")
+        self._file_of: dict[str, SafetensorsSlices] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
         for path in files:
-            try:
-                with safe_open(str(path), framework="pt") as handle:
-                    for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                        self.file_of[name] = path
-                        self.shapes[name] = tuple(handle.get_slice(name).get_shape())
-            except (SafetensorError, OSError) as error:
-                raise CheckpointError(f"{path} is not a readable safetensors file ({error}). It may be truncated "
-                                      "or corrupt: copy it again from its source.") from None
+            if not path.is_file():
+                raise CheckpointError(f"{index} lists the shard {path.name}, which is missing from {folder}.")
+            opened = SafetensorsSlices(path)
+            self.shapes.update(opened.shapes)
+            self._file_of.update(dict.fromkeys(opened.shapes, opened))
 
     def read(self, name: str, region: Region) -> torch.Tensor:
-        with safe_open(str(self.file_of[name]), framework="pt") as handle:
-            piece = handle.get_slice(name)
-            return piece[tuple(slice(start, stop) for start, stop in region)]
+        return self._file_of[name].read(name, region)
 
 
 class CheckpointWeights:
