@@ -22,8 +22,10 @@ pytestmark = pytest.mark.slow
 MIB = 2**20
 # ~46M parameters: weights, gradients and AdamW state need ~740 MiB in one process, ~185 MiB per rank on 4.
 MODEL = dict(hidden_size=512, n_layers=14, n_heads=8, intermediate_size=1408, max_position_embeddings=64)
-RUNTIME_MIB = 300  # torch, gloo and tetra before any model exists (VmData of an idle rank is ~216 MiB)
-LIMIT = (RUNTIME_MIB + 420) * MIB
+# The data limit counts private mappings, threads' stacks and BLAS buffers besides tensors: an idle rank's is ~216
+# MiB, a single process's more. Measured: 4 ranks train, checkpoint, resume and export under 900 MiB; one process
+# runs out under 1200 MiB.
+LIMIT = 1000 * MIB
 
 
 def _limited() -> None:
