@@ -15,26 +15,12 @@ from torch import nn
 from tetra.model.weight_sources import WeightSource
 from tetra.parallel.grid import ProcessGrid
 from tetra.parallel.layout import Layout
-
-
-def _chunk(size: int, parts: int, index: int) -> tuple[int, int]:
-    """torch.chunk's piece `index` of `size` elements in `parts` pieces, as (start, stop)."""
-    step = -(-size // parts)
-    return min(index * step, size), min((index + 1) * step, size)
-
-
-def _block_region(layout: Layout, grid: ProcessGrid) -> list[list[int]]:
-    region = [[0, size] for size in layout.full_shape]
-    for dim, group in ((layout.row_dim, "row"), (layout.col_dim, "col")):
-        if dim is not None:
-            start, stop = _chunk(layout.full_shape[dim], grid.size(group), grid.index(group))
-            region[dim] = [region[dim][0] + start, region[dim][0] + stop]
-    return region
+from tetra.parallel.pieces import block_region
 
 
 def local_piece(source: WeightSource, name: str, layout: Layout, grid: ProcessGrid) -> torch.Tensor:
     """This rank's stored piece of parameter `name` (what layout.shard(full) gives), reading only what it needs."""
-    region = _block_region(layout, grid)
+    region = block_region(layout, grid.shape, grid.coords)
     if not layout.depth:
         value = source.read(name, tuple(map(tuple, region)))
         return (value.t() if layout.transposed else value).contiguous()
