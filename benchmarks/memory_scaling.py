@@ -32,6 +32,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--grids", nargs="+", default=GRIDS, help="1, or NAME=N[,NAME=N] over data/depth/row/col")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--allocators", nargs="+", default=["return", "default"], choices=["return", "default"],
+                        help="glibc policies to run each grid under (see the table's header)")
+    parser.add_argument("--data-limit-mib", type=int, default=0,
+                        help="enforce this data-size limit (RLIMIT_DATA) on every process: a grid that does not fit "
+                             "prints tetra's out-of-memory paragraph instead of its peaks")
     parser.add_argument("--scratch", default=None, help="folder for data, model and runs (default: a temp folder)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -127,8 +132,14 @@ def _run_grid(grid: str, data: Path, model: Path, scratch: Path, args: argparse.
     if allocator == "return":  # glibc hands every block over 64 KiB back to the system when it is freed
         environment.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     shutil.rmtree(run_dir, ignore_errors=True)
-    result = subprocess.run(command, capture_output=True, text=True, env=environment)
+    limit = args.data_limit_mib * 2**20
+    result = subprocess.run(command, capture_output=True, text=True, env=environment,
+                            preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))) if limit
+                            else None)
     if result.returncode != 0:
+        stopped = [line for line in result.stderr.splitlines() if line.startswith("error: Out of memory")]
+        if stopped:
+            return [{"out_of_memory": stopped[0]}]
         raise SystemExit(f"grid {grid} failed:\n{result.stderr[-3000:]}")
     return [json.loads(Path(f"{out}.{rank}").read_text()) for rank in range(world)]
 
@@ -164,12 +175,16 @@ def main() -> None:
         print(f"{'grid':<16}{'ranks':>6}{'loaded':>8}{'peak returned':>15}{'peak default':>14}{'planner':>9}"
               f"{'returned/plan':>15}{'default/plan':>14}   planner terms (MiB)")
         for grid in args.grids:
-            peaks = {}
-            for allocator in ("return", "default"):
+            peaks, loaded = {"return": float("nan"), "default": float("nan")}, float("nan")
+            for allocator in args.allocators:
                 rows = _run_grid(grid, data, model, scratch, args, allocator)
+                if "out_of_memory" in rows[0]:
+                    break
                 peaks[allocator] = max(row["after_train_and_save"] for row in rows)
-                if allocator == "return":
-                    loaded = max(row["after_load"] for row in rows)
+                loaded = max(row["after_load"] for row in rows)
+            if "out_of_memory" in rows[0]:
+                print(f"{grid:<16} stopped: {rows[0]['out_of_memory']}", flush=True)
+                continue
             predicted, terms = _predicted(grid, model, args)
             detail = ", ".join(f"{name} {value / 2**20:.0f}" for name, value in terms.items() if value)
             print(f"{grid:<16}{len(rows):>6}{loaded / 2**20:>8.0f}{peaks['return'] / 2**20:>15.0f}"
