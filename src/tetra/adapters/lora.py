@@ -19,6 +19,7 @@ from torch import nn
 
 from tetra.config import LoRAConfig
 from tetra.errors import ConfigError
+from tetra.model.weight_sources import WeightSource
 
 # Short names of the Linears a Transformer has, and the Hugging Face names users also write.
 TARGET_ALIASES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
@@ -108,6 +109,28 @@ def apply_lora(model: nn.Module, config: LoRAConfig, base: str | None = None, se
                                              generator))
     model.lora_config, model.lora_base = config, base
     return chosen
+
+
+class LoRAWeights:
+    """A weight source for a model with adapters applied on the meta device: base weights from `base`, each A drawn
+    exactly as LoRALinear draws it (kaiming-uniform from the generator of (seed, module name), the whole [rank, in]
+    matrix: adapters are small), each B zero; any region of them alone."""
+
+    def __init__(self, base: WeightSource, model: nn.Module, seed: int) -> None:
+        self.base, self.seed = base, seed
+        self.shapes = {**base.shapes, **{name: tuple(parameter.shape) for name, parameter in model.named_parameters()
+                                         if ".lora_A." in name or ".lora_B." in name}}
+
+    def read(self, name: str, region: tuple[tuple[int, int], ...]) -> torch.Tensor:
+        where = tuple(slice(start, stop) for start, stop in region)
+        if name.endswith(".lora_B.weight"):
+            return torch.zeros(self.shapes[name])[where]
+        if name.endswith(".lora_A.weight"):
+            values = torch.empty(self.shapes[name])
+            generator = torch.Generator().manual_seed(_module_seed(self.seed, name.removesuffix(".lora_A.weight")))
+            nn.init.kaiming_uniform_(values, a=math.sqrt(5), generator=generator)
+            return values[where]
+        return self.base.read(name, region)
 
 
 def train_added_token_rows(model: nn.Module, first_new_row: int, lr_scale: float = 1.0) -> list[str]:

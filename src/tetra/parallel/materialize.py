@@ -46,15 +46,16 @@ def local_piece(source: WeightSource, name: str, layout: Layout, grid: ProcessGr
 
 
 def materialize(model: nn.Module, grid: ProcessGrid, source: WeightSource, device: torch.device | str = "cpu",
-                dtype: torch.dtype = torch.float32) -> nn.Module:
+                dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every meta parameter by this rank's piece read from `source`, keeping each Parameter object (the
-    layers' communication schedule knows them by identity), its layout and whether it trains."""
+    layers' communication schedule knows them by identity), its layout, whether it trains and (dtype=None) its
+    dtype (a LoRA run's frozen base may be kept in bf16)."""
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if not parameter.is_meta:
                 continue
             layout = getattr(parameter, "tetra_layout", None) or Layout(tuple(parameter.shape))
-            value = local_piece(source, name, layout, grid).to(device=device, dtype=dtype)
+            value = local_piece(source, name, layout, grid).to(device=device, dtype=dtype or parameter.dtype)
             torch.utils.swap_tensors(parameter, nn.Parameter(value, requires_grad=parameter.requires_grad))
             parameter.tetra_layout = layout
     return model

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from tetra.adapters.lora import apply_lora, store_frozen_weights_in, train_added_token_rows
+from tetra.adapters.lora import LoRAWeights, apply_lora, store_frozen_weights_in, train_added_token_rows
 from tetra.adapters.peft_io import check_peft_names
 from tetra.config import RunConfig, recomputed_part
 from tetra.data.batch import Batch, as_batch
@@ -166,10 +166,12 @@ def build_loop(config: RunConfig, explicit_model: dict[str, Any]) -> tuple[Loop,
     replica = Replica(grid, zero1=config.parallel.zero1, strategy=strategy)
     train_batches, val_batches = _open_batches(config, data, replica)
     # A model the grid splits is built on the meta device: each rank then reads only its own pieces.
-    on_meta = (replica.splits_model or strategy == "fsdp2") and not config.lora.enabled
+    on_meta = replica.splits_model or strategy == "fsdp2"
     model, tokenizer_folder, weights = build_model_for_run(config, explicit_model, data, device, on_meta)
     if config.lora.enabled:
         apply_lora(model, config.lora, base=config.init.checkpoint or None, seed=config.train.seed)
+        if weights is not None:  # adapters on the meta device: drawn piece by piece like the base
+            weights = LoRAWeights(weights, model, config.train.seed)
         check_peft_names(model)  # before training, not at the first checkpoint
         if hasattr(model, "added_token_rows"):  # new tokens (refusal tokens) need trainable embeddings
             if replica.splits_model:
