@@ -2,11 +2,12 @@
 depth, row x col and data x depth grids, against the planner's prediction (tetra.parallel.planner.predict).
 
 Run: python benchmarks/memory_scaling.py [--layers 12 --width 1024 --grids 1 depth=2 row=2 data=2 depth=4 ...]
+The limit run: --layers 16 --width 2048 --grids row=2,col=2 1 --allocators return --data-limit-mib 7000
 Each grid is one `torchrun` of this script (--worker): every rank notes its resident memory before tetra builds
 anything, then the peak (ru_maxrss) once the model is loaded onto the grid (meta device, sliced reads) and once
-training and the final checkpoint are done. The tables print the growth over that baseline per rank, the
-planner's sum (fp32 weights, gradients, AdamW state, activations, gathered depth blocks), and the ratio.
-On a GPU (--device cuda) the same runs report torch.cuda.max_memory_allocated instead.
+training, the final checkpoint and the streamed Hugging Face export are done. The table prints the growth over that
+baseline per rank, the planner's sum (fp32 weights, gradients, AdamW state, activations, gathered depth blocks,
+gradient buckets), and the ratio. On a GPU (--device cuda) the same runs report torch.cuda.max_memory_allocated instead.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from tetra.config import load_run_config
+    from tetra.errors import TetraError
     from tetra.train import trainer
 
     baseline = resident_bytes() if not args.device.startswith("cuda") else 0
@@ -75,7 +77,11 @@ def worker(args: argparse.Namespace) -> None:
         return result
 
     trainer.build_loop = noting_build_loop  # a measurement hook for this script only
-    trainer.train(config, explicit, show_progress=False)
+    try:
+        trainer.train(config, explicit, show_progress=False)
+    except TetraError as error:  # as the CLI reports it (the out-of-memory paragraph)
+        sys.stderr.write(f"error: {error}\n")
+        raise SystemExit(2) from None
     row = {"rank": dist.get_rank() if dist.is_initialized() else 0, "baseline": baseline,
            "after_load": loaded["peak"] - baseline, "after_train_and_save": peak_bytes(args.device) - baseline}
     Path(f"{args.out}.{row['rank']}").write_text(json.dumps(row))
@@ -120,7 +126,8 @@ def _run_grid(grid: str, data: Path, model: Path, scratch: Path, args: argparse.
               "train": {"max_steps": 3, "batch_size": 4 // sizes.get("data", 1) // sizes.get("depth", 1),
                         "warmup_steps": 1, "precision": "fp32"},
               "eval": {"every": 0},
-              "run": {"dir": str(run_dir), "checkpoint_every": 3, "keep_checkpoints": 1, "device": args.device},
+              "run": {"dir": str(run_dir), "checkpoint_every": 3, "keep_checkpoints": 1, "device": args.device,
+                      "export_hf": True},
               "parallel": {name: sizes.get(name, 1) for name in ("data", "depth", "row", "col")}}
     config_path = scratch / f"{run_dir.name}.toml"
     config_path.write_text(dump_toml(values))
