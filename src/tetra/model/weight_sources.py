@@ -1,9 +1,9 @@
 """Where a model's starting weights come from, read region by region under tetra's names: random initialization,
 a tetra checkpoint, a Hugging Face folder or a GGUF file. A rank of a split model asks only for its own pieces;
 safetensors files are read with positioned reads of just those bytes (no memory map), so no full tensor is ever in
-memory for them (GPT-2's transposed and
-fused Conv1D tensors included). GGUF tensors (quantized in blocks) and a parallel run's DCP shards are read one
-full tensor at a time.
+memory for them (GPT-2's transposed and fused Conv1D tensors included). GGUF tensors (quantized in blocks) and a
+parallel run's DCP shards read here are read one full tensor at a time (on a grid, the trainer reads the shards with
+load_shards instead).
 
 Entry points: WeightSource (shapes + read(name, region)), RandomWeights, TensorDictWeights, ZeroWeights,
 open_weights(path, model).
@@ -26,6 +26,7 @@ from tetra.model.hf_weights import BASE_MODEL_PREFIX, COPY, FUSED_QKV, IGNORED_S
 from tetra.model.initialization import InitRule, Region, draw_region
 from tetra.model.io import TETRA_CONFIG, check_tensors
 from tetra.model.safetensors_slices import SafetensorsSlices
+from tetra.model.sharded_io import has_shards
 from tetra.model.transformer import Transformer
 
 
@@ -99,19 +100,20 @@ class _SafetensorsFiles:
 
 
 class CheckpointWeights:
-    """A tetra checkpoint: model.safetensors (slice reads) or a parallel run's shards (one full tensor at a time)."""
+    """A tetra checkpoint: model.safetensors (region reads) or a parallel run's shards (one full tensor at a time)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self._tensors = CheckpointTensors(folder)
-        self.sharded = self._tensors.sharded  # a parallel run's shards: on a grid, read them with load_shards
-        self._files = None if self._tensors.sharded else _SafetensorsFiles(folder)
-        self.shapes = self._tensors.shapes
+        self.sharded = not (folder / "model.safetensors").is_file() and \
+            not (folder / "model.safetensors.index.json").is_file() and has_shards(folder)
+        self._reader: _SafetensorsFiles | CheckpointTensors = CheckpointTensors(folder) if self.sharded \
+            else _SafetensorsFiles(folder)
+        self.shapes = self._reader.shapes
 
     def read(self, name: str, region: Region) -> torch.Tensor:
-        if self._files is not None:
-            return self._files.read(name, region)
-        return _cut(self._tensors.read(name), region)
+        if self.sharded:
+            return _cut(self._reader.read(name), region)
+        return self._reader.read(name, region)
 
 
 @dataclass(frozen=True)
@@ -150,8 +152,7 @@ class HfWeights:
             raise CheckpointError(f"{folder} has tensors a {config.family} model does not have: "
                                   f"{', '.join(unknown[:6])}{' ...' if len(unknown) > 6 else ''}. It was probably "
                                   "saved from a different architecture than config.json names.")
-        found = {name: torch.empty(shape, device="meta") for name, shape in self.shapes.items()}
-        check_tensors({name: torch.Size(shape) for name, shape in wanted.items()}, found, folder)
+        _check_shapes(wanted, self.shapes, folder)
 
     def _hf_shape_as_tetra(self, name: str) -> tuple[int, ...] | None:
         part = self._parts[name]
@@ -187,10 +188,16 @@ def open_weights(path: str | Path, model: Transformer) -> WeightSource:
         source = CheckpointWeights(path)
     else:
         return HfWeights(path, model)
-    found = {name: torch.empty(shape, device="meta") for name, shape in source.shapes.items()}
-    check_tensors({name: torch.Size(shape) for name, shape in wanted.items()},
-                  {name: value for name, value in found.items() if name in wanted or name != "head.weight"}, path)
+    # a tetra checkpoint of a tied model may carry the head's copy of the embedding: not an unexpected tensor
+    found = {name: shape for name, shape in source.shapes.items() if name in wanted or name != "head.weight"}
+    _check_shapes(wanted, found, path)
     return source
+
+
+def _check_shapes(wanted: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], path: Path) -> None:
+    """io.check_tensors' refusal (missing, unexpected, wrongly shaped tensors), from shapes alone."""
+    check_tensors({name: torch.Size(shape) for name, shape in wanted.items()},
+                  {name: torch.empty(shape, device="meta") for name, shape in found.items()}, path)
 
 
 class _WholeTensors:

@@ -1,6 +1,6 @@
 """Give a model that parallelize() split while it was still on the meta device its real values, each rank reading
-only the region of each full tensor its piece comes from (and, when the block is sharded over depth, only the rows
-of the block its depth shard covers). The result equals shard(full tensor) on every rank, bit for bit.
+only the rectangles of each full tensor its piece holds (its block, or its depth shard's part of it). The result
+equals shard(full tensor) on every rank, bit for bit.
 
 Entry points: local_piece(source, name, layout, grid), materialize(model, grid, source, device).
 """
@@ -15,33 +15,21 @@ from torch import nn
 from tetra.model.weight_sources import WeightSource
 from tetra.parallel.grid import ProcessGrid
 from tetra.parallel.layout import Layout
-from tetra.parallel.pieces import block_region
+from tetra.parallel.pieces import block_region, local_views, rank_rectangles
 
 
 def local_piece(source: WeightSource, name: str, layout: Layout, grid: ProcessGrid) -> torch.Tensor:
-    """This rank's stored piece of parameter `name` (what layout.shard(full) gives), reading only what it needs."""
-    region = block_region(layout, grid.shape, grid.coords)
+    """This rank's stored piece of parameter `name` (what layout.shard(full) gives), reading only the rectangles of
+    the full tensor it holds (pieces.rank_rectangles), each straight into its place in the piece."""
+    rectangles = rank_rectangles(layout, grid.shape, grid.coords)
+    values = [source.read(name, tuple((o, o + s) for o, s in zip(r.offsets, r.sizes, strict=True)))
+              for r in rectangles]
     if not layout.depth:
-        value = source.read(name, tuple(map(tuple, region)))
-        return (value.t() if layout.transposed else value).contiguous()
-    stored = [stop - start for start, stop in region]
-    stored_rows_dim = 1 if layout.transposed else 0  # the block dimension that runs along the stored rows
-    if layout.transposed:
-        stored = stored[::-1]
-    row_width = math.prod(stored[1:])
-    numel, depth = math.prod(stored), grid.size("depth")
-    per_rank = -(-numel // depth)
-    start, stop = min(grid.index("depth") * per_rank, numel), min((grid.index("depth") + 1) * per_rank, numel)
-    piece = torch.zeros(per_rank)
-    if stop > start:
-        first_row, end_row = start // row_width, -(-stop // row_width)
-        offset = region[stored_rows_dim][0]
-        region[stored_rows_dim] = [offset + first_row, offset + end_row]
-        value = source.read(name, tuple(map(tuple, region)))
-        flat = (value.t() if layout.transposed else value).reshape(-1)
-        begin = start - first_row * row_width
-        piece = piece.to(flat.dtype)
-        piece[:stop - start] = flat[begin:begin + stop - start]
+        return (values[0].t() if layout.transposed else values[0]).contiguous()
+    numel = math.prod(stop - start for start, stop in block_region(layout, grid.shape, grid.coords))
+    piece = torch.zeros(-(-numel // grid.size("depth")), dtype=values[0].dtype if values else torch.float32)
+    for view, value in zip(local_views(piece, layout, rectangles), values, strict=True):
+        view.copy_(value)
     return piece
 
 
@@ -59,5 +47,3 @@ def materialize(model: nn.Module, grid: ProcessGrid, source: WeightSource, devic
             torch.utils.swap_tensors(parameter, nn.Parameter(value, requires_grad=parameter.requires_grad))
             parameter.tetra_layout = layout
     return model
-
-

@@ -36,9 +36,11 @@ def _all_rectangles(layout: Layout, grid: ProcessGrid) -> list[Rectangle]:
     return found
 
 
-def _sharded(local: torch.Tensor, layout: Layout, grid: ProcessGrid) -> Any:
+def _sharded(local: torch.Tensor, layout: Layout, grid: ProcessGrid,
+             everywhere: dict[Layout, list[Rectangle]]) -> Any:
     """The rank's stored tensor as a ShardedTensor of the full tensor whose local shards are views of it (no copy):
-    torch.distributed.checkpoint writes (once, if replicated) or fills exactly these rectangles."""
+    torch.distributed.checkpoint writes (once, if replicated) or fills exactly these rectangles. everywhere: the
+    replica's rectangles by layout, filled as needed (weights and their optimizer state share them)."""
     from torch.distributed._shard.metadata import ShardMetadata
     from torch.distributed._shard.sharded_tensor import Shard, ShardedTensorBase
     from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
@@ -47,8 +49,10 @@ def _sharded(local: torch.Tensor, layout: Layout, grid: ProcessGrid) -> Any:
     device = f"rank:{grid.rank}/{local.device.type}"
     shards = [Shard(view, ShardMetadata(list(rectangle.offsets), list(rectangle.sizes), device))
               for view, rectangle in zip(local_views(local, layout, mine), mine, strict=True)]
+    if layout not in everywhere:
+        everywhere[layout] = _all_rectangles(layout, grid)
     everyone = [ShardMetadata(list(rectangle.offsets), list(rectangle.sizes), device)
-                for rectangle in _all_rectangles(layout, grid)]
+                for rectangle in everywhere[layout]]
     properties = TensorProperties(dtype=local.dtype, layout=torch.strided, requires_grad=False,
                                   memory_format=torch.contiguous_format, pin_memory=False)
     metadata = ShardedTensorMetadata(everyone, torch.Size(layout.full_shape), properties)
@@ -70,13 +74,13 @@ def shard_state(model: Transformer, optimizer: torch.optim.Optimizer, grid: Proc
     """This rank's stored pieces of weights and optimizer state as sharded tensors of the full tensors, ready for
     torch.distributed.checkpoint.save, which writes replicated pieces once. Depth shards are written as they are:
     nothing is gathered. copy: a snapshot that later steps cannot change (for a background write)."""
-    state = {}
+    state, everywhere = {}, {}
     for key, value, parameter in _entries(model, optimizer):
         if value.shape != parameter.shape:  # a scalar like AdamW's step
             state[key] = value.detach().clone()
         else:
             local = value.detach()
-            state[key] = _sharded(local.clone() if copy else local, parameter.tetra_layout, grid)
+            state[key] = _sharded(local.clone() if copy else local, parameter.tetra_layout, grid, everywhere)
     return state
 
 
@@ -89,7 +93,7 @@ def load_shards(folder: Path, model: Transformer, optimizer: torch.optim.Optimiz
 
     names = sharded_metadata(folder)
     parameters = dict(model.named_parameters())
-    targets, states = {}, {}
+    targets, states, everywhere = {}, {}, {}
     for key, item in names.items():
         if optimizer is None and not key.startswith("model/"):
             continue
@@ -101,7 +105,7 @@ def load_shards(folder: Path, model: Transformer, optimizer: torch.optim.Optimiz
         local = parameter.data if key.startswith("model/") else \
             torch.zeros(parameter.shape, dtype=item.properties.dtype, device=parameter.device)
         states[key] = local
-        targets[key] = _sharded(local, parameter.tetra_layout, grid)
+        targets[key] = _sharded(local, parameter.tetra_layout, grid, everywhere)
     dcp.load(targets, checkpoint_id=str(folder / SHARDS))
     for key, value in targets.items():
         if key.startswith("optim/"):
