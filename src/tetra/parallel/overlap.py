@@ -49,7 +49,8 @@ class _Bucket:
         self.pending = start_all_reduce(torch.cat([grad.reshape(-1) for grad in grads]), self.group, blocking)
 
     def finish(self) -> None:
-        """Wait for the sum and write it into the gradients (once, however often it is called)."""
+        """Wait for the sum and make it the gradients (once, however often it is called): each gradient becomes its
+        view of the summed buffer, so nothing is copied back and the unsummed gradients are freed."""
         if self.copied_back:
             return
         self.copied_back = True
@@ -58,7 +59,7 @@ class _Bucket:
             piece = summed[offset:offset + parameter.numel()].view_as(parameter)
             offset += parameter.numel()
             if id(parameter) not in self.missing:
-                parameter.grad.copy_(piece)
+                parameter.grad = piece
 
 
 class CommSchedule:

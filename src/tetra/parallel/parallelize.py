@@ -18,6 +18,7 @@ from tetra.model import Transformer
 from tetra.parallel.collectives import all_reduce
 from tetra.parallel.column_linear import ColumnGatheredLinear
 from tetra.parallel.gemm_layout import OUT_IN, Shape
+from tetra.parallel.gradient_norm import clip_to_norm, local_square_sum
 from tetra.parallel.grid import ProcessGrid, check_grid
 from tetra.parallel.layout import unshard
 from tetra.parallel.overlap import CommSchedule
@@ -121,19 +122,13 @@ def sync_gradients(model: nn.Module, grid: ProcessGrid, include_data: bool = Tru
 
 def clip_global_grad_norm(model: nn.Module, grid: ProcessGrid, max_norm: float) -> float:
     """Clip to the norm of the whole (unsharded) gradient; each replicated piece is counted once."""
-    total = torch.zeros((), dtype=torch.float64)
+    pieces = []
     for parameter in model.parameters():
-        if parameter.grad is None:
-            continue
-        layout = getattr(parameter, "tetra_layout", None)
-        copies = layout.copies(grid) if layout is not None else grid.size("model")
-        total += parameter.grad.detach().double().pow(2).sum().cpu() / copies
-    norm = math.sqrt(float(all_reduce(total, grid.groups["model"])))
-    if max_norm > 0 and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        for parameter in model.parameters():
-            if parameter.grad is not None:
-                parameter.grad.mul_(scale)
+        if parameter.grad is not None:
+            layout = getattr(parameter, "tetra_layout", None)
+            pieces.append((parameter.grad, layout.copies(grid) if layout is not None else grid.size("model")))
+    norm = math.sqrt(float(all_reduce(local_square_sum(pieces), grid.groups["model"])))
+    clip_to_norm((p for p in model.parameters() if p.grad is not None), max_norm, norm)
     return norm
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tetra.parallel.collectives import all_gather_flat, all_reduce, reduce_scatter_flat
+from tetra.parallel.gradient_norm import clip_to_norm, local_square_sum
 from tetra.parallel.grid import ProcessGrid
 
 
@@ -44,20 +45,17 @@ class ZeroOptimizer:
 
     def reduce_and_clip(self, max_norm: float) -> float:
         """Sum each gradient over data into this rank's slice, then clip all slices to the global norm."""
-        total = torch.zeros((), dtype=torch.float64)
+        pieces = []
         for parameter, piece in self.slices.items():
             grad = torch.zeros_like(parameter) if parameter.grad is None else parameter.grad
             padded = F.pad(grad.reshape(-1), (0, piece.numel() * self.grid.size("data") - parameter.numel()))
             piece.grad = reduce_scatter_flat(padded, self.group)
             layout = getattr(parameter, "tetra_layout", None)
-            copies = layout.copies(self.grid) if layout is not None else self.grid.size("model")
-            total += piece.grad.double().pow(2).sum().cpu() / copies
+            pieces.append((piece.grad, layout.copies(self.grid) if layout is not None else self.grid.size("model")))
             parameter.grad = None  # the slice holds it now
-        total = all_reduce(all_reduce(total, self.grid.groups["model"]), self.group)
+        total = all_reduce(all_reduce(local_square_sum(pieces), self.grid.groups["model"]), self.group)
         norm = math.sqrt(float(total))
-        if max_norm > 0 and norm > max_norm:
-            for piece in self.slices.values():
-                piece.grad.mul_(max_norm / (norm + 1e-6))
+        clip_to_norm(self.slices.values(), max_norm, norm)
         return norm
 
     @torch.no_grad()
