@@ -112,3 +112,45 @@ def saved_bytes_both_ways(rank: int, world: int, port: int, model_name: str, out
                 json.dump(result, handle)
     finally:
         dist.destroy_process_group()
+
+
+def input_gradient_gemms(rank: int, world: int, port: int, out_path: str) -> None:
+    """A split Linear (out-features over rows) fed an input that needs no gradient and one that does: how many
+    input-gradient GEMMs each backward ran, and the largest error of the weight-gradient shard against one process."""
+    import tetra.parallel.tensor_parallel as tensor_parallel
+    from tetra.parallel.layout import shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        grid = ProcessGrid.build(GridShape(row=world))
+        torch.manual_seed(0)
+        linear = torch.nn.Linear(16, 32, bias=False)
+        layer = TensorParallelLinear(linear, grid, transposed=False)
+        x, grad_y = torch.randn(6, 16), torch.randn(6, 32)
+        linear(x).backward(grad_y)
+        expected = shard(linear.weight.grad, layer.weight.tetra_layout, grid)
+        calls = {"count": 0}
+        counted = tensor_parallel.input_grad_gemm
+
+        def counting(*args, **kwargs):
+            calls["count"] += 1
+            return counted(*args, **kwargs)
+
+        tensor_parallel.input_grad_gemm = counting
+        result = {}
+        for needs_grad in (False, True):
+            calls["count"], layer.weight.grad = 0, None
+            x_in = x.clone().requires_grad_(needs_grad)
+            local_grad = grad_y.chunk(world, dim=-1)[grid.index("row")]
+            layer(x_in).backward(local_grad)
+            layer.schedule.finish()
+            result[str(needs_grad)] = {"gemms": calls["count"], "has_input_grad": x_in.grad is not None,
+                                       "weight_error": float((layer.weight.grad - expected).abs().max())}
+        tensor_parallel.input_grad_gemm = counted
+        if rank == 0:
+            with open(out_path, "w") as handle:
+                json.dump(result, handle)
+    finally:
+        dist.destroy_process_group()

@@ -8,7 +8,7 @@ weights [in, out], the other GEMM layout."""
 
 from __future__ import annotations
 
-from overlap_worker import saved_bytes_both_ways, train_both_ways
+from overlap_worker import input_gradient_gemms, saved_bytes_both_ways, train_both_ways
 from tetra.parallel.launch import spawn_collect
 
 
@@ -26,3 +26,10 @@ def test_overlap_is_bit_identical_to_blocking_collectives_on_four_ranks():
 def test_gathering_again_in_backward_keeps_no_weight_block_between_the_passes():
     saved = spawn_collect(saved_bytes_both_ways, 2, "llama")
     assert saved["keep"] - saved["regather"] == saved["blocks"], saved
+
+
+def test_a_split_linear_skips_the_input_gradient_its_input_does_not_need():
+    result = spawn_collect(input_gradient_gemms, 2)
+    assert result["False"] == {"gemms": 0, "has_input_grad": False, "weight_error": result["False"]["weight_error"]}
+    assert result["True"]["gemms"] == 1 and result["True"]["has_input_grad"], result
+    assert max(result["False"]["weight_error"], result["True"]["weight_error"]) < 1e-5, result

@@ -79,7 +79,10 @@ class _OverlappedLinear(torch.autograd.Function):
         ctx.save_for_backward(x_c if ctx.trains_weight else None, None if ctx.regather else weight_c)
         ctx.layer, ctx.input_dtype, ctx.weight_dtype, ctx.compute_dtype = layer, x.dtype, weight.dtype, dtype
         with torch.autocast(x.device.type, enabled=False):
-            return forward_gemm(x_c, weight_c, layer.gemm_layout)
+            partial = forward_gemm(x_c, weight_c, layer.gemm_layout)
+        # Summed over the in-feature group in place: the GEMM's fresh output is seen by nothing else (no copy).
+        # The sum's backward is the identity (every rank of the group uses the whole result), so it lives here.
+        return all_reduce(partial, layer.in_group)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
@@ -90,12 +93,14 @@ class _OverlappedLinear(torch.autograd.Function):
             weight = layer.gathered_block(backward=True).to(ctx.compute_dtype)
         schedule.poll()
         grad_y = grad_y.to(weight.dtype)
-        grad_x = input_grad_gemm(grad_y, weight, layer.gemm_layout)  # partial: this rank's out-features only
-        summing = start_all_reduce(grad_x, layer.out_group, schedule.blocking)
+        summing = None
+        if ctx.needs_input_grad[0]:  # not for a first layer fed data that needs no gradient
+            grad_x = input_grad_gemm(grad_y, weight, layer.gemm_layout)  # partial: this rank's out-features only
+            summing = start_all_reduce(grad_x, layer.out_group, schedule.blocking)
         if not ctx.trains_weight:
-            return summing.wait().to(ctx.input_dtype), None, None, None
+            return None if summing is None else summing.wait().to(ctx.input_dtype), None, None, None
         grad_weight = weight_grad_gemm(grad_y, x, layer.gemm_layout).to(ctx.weight_dtype)
-        grad_x = summing.wait().to(ctx.input_dtype)
+        grad_x = None if summing is None else summing.wait().to(ctx.input_dtype)
         if layer.depth_group is None:
             return grad_x, grad_weight, None, None
         layer.reduce_scatter_weight_grad(grad_weight)
@@ -139,7 +144,7 @@ class TensorParallelLinear(nn.Module):
         return flat[:numel].view(self.stored_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_forward(_OverlappedLinear.apply(x, self.gathered_block(), self.weight, self), self.in_group)
+        y = _OverlappedLinear.apply(x, self.gathered_block(), self.weight, self)
         return y if self.bias is None else y + self.bias
 
     def reduce_scatter_weight_grad(self, grad_weight: torch.Tensor) -> None:
