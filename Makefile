@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO := demo
 
-.PHONY: install smollm2 sft demo test test-slow lint bench clean
+.PHONY: install smollm2 sft demo test test-slow lint bench peers clean
 
 $(BIN)/tetra: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,10 @@ test-slow: install smollm2
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks docs experiments
+
+# The peers benchmarks/tp_linear.py runs against (AxoNN 0.2.0).
+peers: install
+	$(BIN)/pip install --quiet --no-deps axonn==0.2.0
 
 bench: install
 	$(BIN)/python benchmarks/generate_throughput.py

@@ -10,6 +10,12 @@ gradients.
 
 Only tokens with a label go through the head (chat data masks prompts and padding, often most of a batch).
 
+Speed: the forward keeps each token's log-normalizer (logsumexp), so backward forms softmax - onehot with one
+softmax kernel in the GEMM dtype (bf16 under autocast: the fp32 softmax rounded once, as a cast would) and fixes
+the target column in fp32; the per-token scale multiplies the [tokens, width] GEMM operands and results, not the
+[tokens, vocabulary] matrix. On CPU a chunk's fp32 buffers stay under 8 MiB: glibc serves 32 MiB and larger
+allocations from fresh pages every time, and those page faults cost more than the softmax itself.
+
 Entry point: chunked_token_loss(hidden [..., d], weight [V, d], labels [...], chunk_tokens) -> per-token losses.
 """
 
@@ -20,38 +26,52 @@ import torch
 from tetra.data.batch import IGNORE_INDEX
 
 DEFAULT_CHUNK = 1024
+CPU_CHUNK_BYTES = 8 * 2**20  # the fp32 [rows, vocabulary] buffer of one chunk, on CPU
+
+
+def chunk_rows(vocabulary: int, device: torch.device) -> int:
+    """Tokens per chunk: DEFAULT_CHUNK, or on CPU as many as keep a chunk's fp32 logits under CPU_CHUNK_BYTES."""
+    if device.type != "cpu":
+        return DEFAULT_CHUNK
+    return max(16, min(DEFAULT_CHUNK, CPU_CHUNK_BYTES // (4 * vocabulary)))
 
 
 def _chunk_loss(piece: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-token losses, fp32 log-probabilities) of one chunk; 0 loss where the label is ignored."""
-    log_probabilities = torch.log_softmax(piece @ weight.t(), dim=-1, dtype=torch.float32)
-    picked = log_probabilities.gather(1, target.clamp(min=0)[:, None])[:, 0]
-    return torch.where(target != IGNORE_INDEX, -picked, 0.0), log_probabilities
+    """(per-token losses, fp32 log-normalizers) of one chunk of labelled tokens."""
+    logits = piece @ weight.t()
+    picked = torch.log_softmax(logits, dim=-1, dtype=torch.float32).gather(1, target[:, None])[:, 0]
+    target_logits = logits.gather(1, target[:, None])[:, 0].float()
+    return -picked, target_logits - picked
 
 
-def _logit_gradient(log_probabilities: torch.Tensor, target: torch.Tensor, scale: torch.Tensor | None,
-                    dtype: torch.dtype) -> torch.Tensor:
-    """(softmax - onehot) per row, times the row's scale (0 for ignored labels), in the GEMM dtype; in place."""
-    probabilities = log_probabilities.exp_()
-    probabilities[torch.arange(len(target), device=target.device), target.clamp(min=0)] -= 1.0
-    kept = (target != IGNORE_INDEX).float()
-    probabilities.mul_((kept if scale is None else kept * scale.float())[:, None])
-    return probabilities.to(dtype)
+def _logit_gradient(piece: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                    log_normalizers: torch.Tensor) -> torch.Tensor:
+    """softmax - onehot of the chunk's logits (recomputed), unscaled, in the GEMM dtype."""
+    logits = piece @ weight.t()
+    target_logits = logits.gather(1, target[:, None])[:, 0].float()
+    gradient = torch.softmax(logits, dim=-1)
+    # The target column in fp32 before its one rounding: p - 1 loses every bit of p near 1 once p is rounded.
+    target_gradient = torch.exp(target_logits - log_normalizers) - 1.0
+    gradient.scatter_(1, target[:, None], target_gradient[:, None].to(gradient.dtype))
+    return gradient
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Per-token losses of labelled tokens (labels never IGNORE_INDEX here) through the head, chunk by chunk."""
+
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
                 eager_gradient: bool) -> torch.Tensor:
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        log_normalizers = torch.empty_like(losses)
         unscaled = torch.empty_like(hidden) if eager_gradient else None
         for start in range(0, hidden.shape[0], chunk):
-            target = labels[start:start + chunk]
-            losses[start:start + chunk], log_probabilities = _chunk_loss(hidden[start:start + chunk], weight, target)
+            rows = slice(start, start + chunk)
+            losses[rows], log_normalizers[rows] = _chunk_loss(hidden[rows], weight, labels[rows])
             if unscaled is not None:
-                unscaled[start:start + chunk] = _logit_gradient(log_probabilities, target, None, hidden.dtype) @ weight
+                unscaled[rows] = _logit_gradient(hidden[rows], weight, labels[rows], log_normalizers[rows]) @ weight
         ctx.eager_gradient, ctx.chunk = eager_gradient, chunk
-        ctx.save_for_backward(*((unscaled,) if eager_gradient else (hidden, weight, labels)))
+        ctx.save_for_backward(*((unscaled,) if eager_gradient else (hidden, weight, labels, log_normalizers)))
         return losses
 
     @staticmethod
@@ -59,37 +79,38 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if ctx.eager_gradient:
             (unscaled,) = ctx.saved_tensors
             return (unscaled.float() * grad_losses[:, None]).to(unscaled.dtype), None, None, None, None
-        hidden, weight, labels = ctx.saved_tensors
+        hidden, weight, labels, log_normalizers = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
             if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], ctx.chunk):
-            piece, target = hidden[start:start + ctx.chunk], labels[start:start + ctx.chunk]
-            _, log_probabilities = _chunk_loss(piece, weight, target)
-            grad_logits = _logit_gradient(log_probabilities, target, grad_losses[start:start + ctx.chunk],
-                                          hidden.dtype)
+            rows = slice(start, start + ctx.chunk)
+            piece, scale = hidden[rows], grad_losses[rows].float()[:, None]
+            grad_logits = _logit_gradient(piece, weight, labels[rows], log_normalizers[rows])
             if grad_hidden is not None:
-                grad_hidden[start:start + ctx.chunk] = grad_logits @ weight
+                grad_hidden[rows] = (grad_logits @ weight).float() * scale
             if grad_weight is not None:
-                grad_weight += (grad_logits.t() @ piece).float()
+                grad_weight += (grad_logits.t() @ (piece.float() * scale).to(piece.dtype)).float()
         return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None
 
 
 def chunked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                       chunk_tokens: int = DEFAULT_CHUNK) -> torch.Tensor:
+                       chunk_tokens: int | None = None) -> torch.Tensor:
     """Per-token cross-entropy of the head `weight` applied to `hidden`, shaped like labels. Under autocast the
-    head GEMMs run in the autocast dtype (as nn.Linear would), the softmax in fp32."""
+    head GEMMs run in the autocast dtype (as nn.Linear would), the softmax statistics in fp32. chunk_tokens: tokens
+    per chunk (default: chunk_rows)."""
     if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
+    chunk = chunk_tokens or chunk_rows(weight.shape[0], hidden.device)
     eager = torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
     hidden, labels_flat = hidden.flatten(0, -2), labels.flatten()
     trained = (labels_flat != IGNORE_INDEX).nonzero()[:, 0]
     if len(trained) == len(labels_flat):
-        return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels_flat, chunk_tokens, eager).view(labels.shape)
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels_flat, chunk, eager).view(labels.shape)
     # Only trained tokens go through the head: in chat data most labels are masked (prompts, padding), and their
     # logits would be computed only to be multiplied by zero. The others' losses (and gradients) are exactly 0.
     picked = _ChunkedLinearCrossEntropy.apply(hidden.index_select(0, trained), weight, labels_flat[trained],
-                                              chunk_tokens, eager)
+                                              chunk, eager)
     losses = picked.new_zeros(len(labels_flat)).index_copy(0, trained, picked)
     return losses.view(labels.shape)
