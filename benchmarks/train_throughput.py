@@ -1,9 +1,11 @@
 """Training throughput: tetra's loop vs a plain PyTorch loop over transformers' LlamaForCausalLM, same process.
 
-Run: python benchmarks/train_throughput.py [--layers 6 --width 384 --seq 256 --batch 8 --steps 20]
-Both train the same Llama shape on the same batches (the Python standard library, tokenized here). Prints tokens/s,
-the ratio tetra / transformers, and tetra's MFU. The transformers loop is shown plain (fp32, as most scripts run it)
-and with bf16 autocast, so the ratio is not only a precision effect.
+Run: python benchmarks/train_throughput.py [--layers 6 --width 384 --seq 256 --batch 8 --steps 20] [--no-compile]
+Both train the same Llama shape on the same batches (the Python standard library, tokenized here), taking turns
+step by step. Prints tokens/s, MFU (of the GEMM peak measured here at each row's precision, or the datasheet's on a
+known GPU) and the speed ratio against transformers under bf16 autocast (tetra's precision on CPU). Rows: tetra
+eager and with train.compile (torch.compile of the model), transformers fp32 (as most scripts run it), with bf16
+autocast, and with bf16 autocast and torch.compile, so a ratio is neither a precision nor a compiler effect alone.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per engine (after 3 warm-up steps)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", help="tetra's train.precision")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="skip the torch.compile rows (they need a C++ compiler on CPU)")
     return parser.parse_args()
 
 
@@ -68,6 +72,27 @@ def interleaved_seconds(engines: dict, steps: int, device: torch.device) -> dict
     return seconds
 
 
+def hf_engine(loop, hf_config: LlamaConfig, device: torch.device, autocast: bool, compiled: bool):
+    """One optimizer step of a plain loop over transformers' Llama (full logits, fp32 cross-entropy)."""
+    torch.manual_seed(0)
+    hf_model = LlamaForCausalLM(hf_config).to(device).train()
+    forward = torch.compile(hf_model) if compiled else hf_model
+    optimizer = torch.optim.AdamW(hf_model.parameters(), lr=3e-4, weight_decay=0.1)
+
+    def step(index: int) -> None:
+        tokens = loop.train_batches.batch(index).to(device)
+        context = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with context:
+            logits = forward(input_ids=tokens[:, :-1]).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf_model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def main() -> None:
     args = parse_args()
     with tempfile.TemporaryDirectory() as scratch:
@@ -75,50 +100,43 @@ def main() -> None:
         intermediate = 64 * ((8 * args.width // 3 + 63) // 64)
         model_keys = {"hidden_size": args.width, "n_layers": args.layers, "n_heads": args.heads,
                       "intermediate_size": intermediate, "max_position_embeddings": args.seq}
-        config = build_run_config({
-            "model": model_keys, "data": {"path": str(data), "seq_len": args.seq},
-            "train": {"batch_size": args.batch, "max_steps": 1000, "warmup_steps": 10, "precision": args.precision},
-            "run": {"dir": str(Path(scratch) / "run"), "device": args.device}})
-        loop, _ = build_loop(config, model_keys)
+        engines, precisions, loop = {}, {}, None
+        for compiled in (False, True) if args.compile else (False,):
+            config = build_run_config({
+                "model": model_keys, "data": {"path": str(data), "seq_len": args.seq},
+                "train": {"batch_size": args.batch, "max_steps": 1000, "warmup_steps": 10,
+                          "precision": args.precision, "compile": compiled},
+                "run": {"dir": str(Path(scratch) / f"run-{compiled}"), "device": args.device}})
+            loop, _ = build_loop(config, model_keys)
+            label = "tetra + compile" if compiled else "tetra"
+            engines[label], precisions[label] = loop.step, loop.autocast_dtype or torch.float32
         device = loop.device
-        engines = {"tetra": loop.step}
-
-        torch.manual_seed(0)
         hf_config = LlamaConfig(vocab_size=loop.model.config.vocab_size, hidden_size=args.width,
                                 intermediate_size=intermediate, num_hidden_layers=args.layers,
                                 num_attention_heads=args.heads, max_position_embeddings=args.seq)
-        for label, autocast in (("transformers fp32", False), ("transformers bf16 autocast", True)):
-            hf_model = LlamaForCausalLM(hf_config).to(device).train()
-            optimizer = torch.optim.AdamW(hf_model.parameters(), lr=3e-4, weight_decay=0.1)
-
-            def hf_step(index, hf_model=hf_model, optimizer=optimizer, autocast=autocast):
-                tokens = loop.train_batches.batch(index).to(device)
-                context = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-                with context:
-                    logits = hf_model(input_ids=tokens[:, :-1]).logits
-                loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(hf_model.parameters(), 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            engines[label] = hf_step
+        variants = [("transformers fp32", False, False), ("transformers bf16 autocast", True, False)]
+        if args.compile:
+            variants.append(("transformers bf16 autocast + compile", True, True))
+        for label, autocast, compiled in variants:
+            engines[label] = hf_engine(loop, hf_config, device, autocast, compiled)
+            precisions[label] = torch.bfloat16 if autocast else torch.float32
         results = interleaved_seconds(engines, args.steps, device)
-        tetra_seconds = results.pop("tetra")
 
     tokens = args.steps * args.batch * args.seq
-    tetra_rate = tokens / tetra_seconds
-    peak, source = peak_flops(device, loop.autocast_dtype or torch.float32)
-    mfu = flops_per_token(loop.model.config, args.seq) * tetra_rate / peak
+    rates = {label: tokens / seconds for label, seconds in results.items()}
+    flops = flops_per_token(loop.model.config, args.seq)
+    peaks = {dtype: peak_flops(device, dtype) for dtype in set(precisions.values())}
+    baseline = rates["transformers bf16 autocast"]
     parameters = sum(p.numel() for p in loop.model.parameters())
     print(f"model: Llama shape, {args.layers} layers, width {args.width}, vocab {loop.model.config.vocab_size}, "
           f"{parameters / 1e6:.1f}M parameters; batch {args.batch} x seq {args.seq}; {device}, "
-          f"{torch.get_num_threads()} threads; tetra precision: {loop.autocast_dtype or torch.float32}")
-    print(f"{'engine':<28} {'tokens/s':>10} {'tetra ratio':>12}")
-    print(f"{'tetra':<28} {tetra_rate:>10.0f} {'':>12}   MFU {mfu:.1%} of {peak / 1e12:.2f} TFLOP/s ({source})")
-    for label, seconds in results.items():
-        rate = tokens / seconds
-        print(f"{label:<28} {rate:>10.0f} {tetra_rate / rate:>11.2f}x")
+          f"{torch.get_num_threads()} threads; tetra precision: {precisions['tetra']}")
+    print(f"{'engine':<38} {'tokens/s':>9} {'MFU':>6} {'vs transformers bf16':>21}")
+    for label, rate in rates.items():
+        peak, _ = peaks[precisions[label]]
+        print(f"{label:<38} {rate:>9.0f} {flops * rate / peak:>6.1%} {rate / baseline:>20.2f}x")
+    for dtype, (peak, source) in peaks.items():
+        print(f"peak for {str(dtype).removeprefix('torch.')}: {peak / 1e12:.2f} TFLOP/s ({source})")
 
 
 if __name__ == "__main__":

@@ -75,3 +75,25 @@ def test_only_trained_tokens_reach_the_head(monkeypatch):
     losses = chunked_token_loss(hidden, weight, torch.full_like(labels, -100))
     losses.sum().backward()
     assert bool((losses == 0).all()) and bool((hidden.grad == 0).all())
+
+
+def test_cpu_chunks_keep_their_fp32_logits_small():
+    """On CPU a chunk's fp32 [rows, vocabulary] buffer stays under 8 MiB (larger ones page-fault on every chunk);
+    other devices take DEFAULT_CHUNK rows."""
+    from tetra.train.chunked_loss import DEFAULT_CHUNK, chunk_rows
+
+    cpu = torch.device("cpu")
+    assert chunk_rows(8192, cpu) == 256 and chunk_rows(49152, cpu) == 42 and chunk_rows(97, cpu) == DEFAULT_CHUNK
+    assert chunk_rows(10**7, cpu) == 16
+    assert chunk_rows(49152, torch.device("meta")) == DEFAULT_CHUNK
+
+
+def test_an_fp32_head_gets_an_fp32_gradient_under_autocast():
+    """The head's gradient is summed over chunks in fp32 and handed back in the head's dtype, not rounded to bf16 on
+    the way (each chunk's bf16 GEMM result is, as nn.Linear's would be)."""
+    hidden, weight, labels, upstream = _case(frozen=False, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = chunked_token_loss(hidden, weight, labels, chunk_tokens=13)
+    (losses * upstream).sum().backward()
+    assert weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.float32
+    assert not torch.equal(weight.grad, weight.grad.bfloat16().float())

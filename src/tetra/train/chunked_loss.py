@@ -57,11 +57,15 @@ def _logit_gradient(piece: torch.Tensor, weight: torch.Tensor, target: torch.Ten
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Per-token losses of labelled tokens (labels never IGNORE_INDEX here) through the head, chunk by chunk."""
+    """Per-token losses of labelled tokens (labels never IGNORE_INDEX here) through the head, chunk by chunk. The
+    GEMMs run in `dtype`; the gradients come back in the inputs' own dtypes (an fp32 head's gradient is summed in
+    fp32 and never rounded to the GEMM dtype)."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
-                eager_gradient: bool) -> torch.Tensor:
+                eager_gradient: bool, dtype: torch.dtype) -> torch.Tensor:
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         log_normalizers = torch.empty_like(losses)
         unscaled = torch.empty_like(hidden) if eager_gradient else None
@@ -78,9 +82,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_losses: torch.Tensor):
         if ctx.eager_gradient:
             (unscaled,) = ctx.saved_tensors
-            return (unscaled.float() * grad_losses[:, None]).to(unscaled.dtype), None, None, None, None
+            return (unscaled.float() * grad_losses[:, None]).to(ctx.hidden_dtype), None, None, None, None, None
         hidden, weight, labels, log_normalizers = ctx.saved_tensors
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_hidden = torch.empty(hidden.shape, dtype=ctx.hidden_dtype, device=hidden.device) \
+            if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
             if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], ctx.chunk):
@@ -91,7 +96,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_hidden[rows] = (grad_logits @ weight).float() * scale
             if grad_weight is not None:
                 grad_weight += (grad_logits.t() @ (piece.float() * scale).to(piece.dtype)).float()
-        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None
+        grad_weight = None if grad_weight is None else grad_weight.to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def chunked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -99,18 +105,19 @@ def chunked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
     """Per-token cross-entropy of the head `weight` applied to `hidden`, shaped like labels. Under autocast the
     head GEMMs run in the autocast dtype (as nn.Linear would), the softmax statistics in fp32. chunk_tokens: tokens
     per chunk (default: chunk_rows)."""
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
     if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
     chunk = chunk_tokens or chunk_rows(weight.shape[0], hidden.device)
     eager = torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
     hidden, labels_flat = hidden.flatten(0, -2), labels.flatten()
     trained = (labels_flat != IGNORE_INDEX).nonzero()[:, 0]
     if len(trained) == len(labels_flat):
-        return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels_flat, chunk, eager).view(labels.shape)
+        losses = _ChunkedLinearCrossEntropy.apply(hidden, weight, labels_flat, chunk, eager, dtype)
+        return losses.view(labels.shape)
     # Only trained tokens go through the head: in chat data most labels are masked (prompts, padding), and their
     # logits would be computed only to be multiplied by zero. The others' losses (and gradients) are exactly 0.
     picked = _ChunkedLinearCrossEntropy.apply(hidden.index_select(0, trained), weight, labels_flat[trained],
-                                              chunk, eager)
+                                              chunk, eager, dtype)
     losses = picked.new_zeros(len(labels_flat)).index_copy(0, trained, picked)
     return losses.view(labels.shape)
