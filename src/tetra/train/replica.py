@@ -16,8 +16,10 @@ from tetra.config import GoldfishConfig
 from tetra.data.batch import Batch, as_batch
 from tetra.model import Transformer
 from tetra.parallel.collectives import all_reduce
+from tetra.parallel.gemm_layout import OUT_IN
 from tetra.parallel.grid import ProcessGrid
 from tetra.parallel.parallelize import clip_global_grad_norm, gradient_group, parallel_token_losses, sync_gradients
+from tetra.parallel.tensor_parallel import TensorParallelLinear
 from tetra.parallel.zero import ZeroOptimizer
 from tetra.train.chunked_loss import chunked_token_loss
 from tetra.train.goldfish import goldfish_drop_mask
@@ -70,15 +72,32 @@ class Replica:
 
     def token_losses(self, model: torch.nn.Module, tokens: torch.Tensor | Batch) -> torch.Tensor:
         """Per-token next-token losses [B, T] of this rank's [B, T + 1] batch (0 at ignored labels)."""
-        if self.splits_model:
+        head = self._whole_head(model)
+        if self.splits_model and head is None:
             return parallel_token_losses(model, tokens, self.grid)
         batch = as_batch(tokens)
         extra = {} if batch.document_ids is None else {"document_ids": batch.document_ids}
-        head = _plain_head(model)
-        if head is not None and self.chunked_loss:
-            hidden = model(batch.inputs, hidden_only=True, **extra)
-            return chunked_token_loss(hidden, head.weight, batch.labels)
-        return per_token_loss(model(batch.inputs, **extra), batch.labels)
+        if head is None:
+            return per_token_loss(model(batch.inputs, **extra), batch.labels)
+        hidden = model(batch.inputs, hidden_only=True, **extra)
+        # Read after the forward: FSDP2 holds the root's weights (the head's) unsharded only from there on.
+        if isinstance(head, TensorParallelLinear):
+            block = head.gathered_block()  # a view of the parameter: the gradient reaches it (and its bucket)
+            weight = block if head.gemm_layout == OUT_IN else block.t()
+        else:
+            weight = head.weight
+        return chunked_token_loss(hidden, weight, batch.labels)
+
+    def _whole_head(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """The head, when the chunked loss can apply it and this rank holds all of it: one process's plain head,
+        or on a grid that splits only the batch (row, col and depth 1) its tensor-parallel head, one unsplit block."""
+        if not self.chunked_loss:
+            return None
+        if not self.splits_model:
+            return _plain_head(model)
+        head = getattr(model, "head", None)
+        whole = self.grid.size("model") == 1 and type(head) is TensorParallelLinear and head.bias is None
+        return head if whole else None
 
     def _training_losses(self, model: torch.nn.Module, tokens: Batch) -> torch.Tensor:
         if self.progressive is None:
