@@ -175,3 +175,41 @@ def test_bad_sweep_files_are_named_field_by_field(tmp_path, capsys):
         assert expected in str(error.value)
     assert main(["sweep", str(tmp_path / "missing.toml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_runs_are_shared_out_in_whole_groups_of_about_equal_steps():
+    from tetra.science.sweep import PlannedRun, share_runs
+
+    runs = [PlannedRun(f"{group}/{part}", [], None, steps, None)
+            for group, sizes in (("a", (10, 12)), ("b", (4,)), ("c", (6, 6)), ("d", (3, 3)))
+            for part, steps in enumerate(sizes)]
+    shares = [share_runs(runs, rank, 2) for rank in range(2)]
+    assert sorted(run.name for share in shares for run in share) == sorted(run.name for run in runs)
+    groups = [{run.name.split("/")[0] for run in share} for share in shares]
+    assert groups == [{"a"}, {"b", "c", "d"}]  # 22 steps against 4 + 12 + 6
+    assert [run.name for run in shares[1]] == [run.name for run in runs if run.name[0] in "bcd"]  # sweep order
+    assert share_runs(runs, 0, 1) == runs
+
+
+def test_a_sweep_under_torchrun_trains_runs_side_by_side_with_one_processs_results(tmp_path):
+    """Two processes each train one width's runs; the table equals the one a single process writes."""
+    import subprocess
+    import sys
+
+    from tetra.parallel.launch import free_port
+    from tetra.train.trainer import train
+
+    _, sweep = _sweep_files(tmp_path)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), "-m", "tetra", "sweep", str(sweep)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = {line.split(":")[0] for line in result.stdout.splitlines() if "training to step" in line}
+    assert ranks == {"rank 0", "rank 1"}, result.stdout
+    side_by_side = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    import shutil
+
+    shutil.move(tmp_path / "sweep", tmp_path / "sweep-torchrun")
+    alone = run_sweep(sweep, lambda config, model, resume: train(config, model, resume, show_progress=False),
+                      log=lambda line: None)
+    assert side_by_side == alone and len(alone) == 4

@@ -7,9 +7,12 @@ Entry point: register(subparsers).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import operator
+import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -53,12 +56,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_sweep_command(args: argparse.Namespace) -> int:
     from tetra.science.sweep import run_sweep
+    from tetra.train.distributed import Launch
     from tetra.train.trainer import train
 
-    rows = run_sweep(args.sweep_file, lambda config, model, resume: train(config, model, resume,
-                                                                          show_progress=args.progress))
-    print(f"{len(rows)} points in the sweep table")
+    launch = Launch.from_environment()
+
+    def train_alone(config, model, resume):
+        # Under torchrun every process trains its own runs, each as one plain process: the trainer must not see
+        # the launch's world (it would start a grid over all of them).
+        with _one_process_environment(launch):
+            return train(config, model, resume, show_progress=args.progress)
+
+    rows = run_sweep(args.sweep_file, train_alone, share=(launch.rank, launch.world))
+    if launch.rank == 0:
+        print(f"{len(rows)} points in the sweep table")
     return 0
+
+
+@contextlib.contextmanager
+def _one_process_environment(launch) -> Iterator[None]:
+    """torchrun's and Slurm's rank variables hidden while a run trains (restored after); on a GPU machine the
+    process's own GPU (LOCAL_RANK) made the current one."""
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS",
+             "SLURM_LOCALID")
+    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
+    if launch.world > 1:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def parse_rule(text: str) -> tuple[str, str, float]:

@@ -43,7 +43,8 @@ def materialize(model: nn.Module, grid: ProcessGrid, source: WeightSource, devic
             if not parameter.is_meta:
                 continue
             layout = getattr(parameter, "tetra_layout", None) or Layout(tuple(parameter.shape))
+            tags = {key: value for key, value in vars(parameter).items() if key.startswith("tetra_")}
             value = local_piece(source, name, layout, grid).to(device=device, dtype=dtype or parameter.dtype)
             torch.utils.swap_tensors(parameter, nn.Parameter(value, requires_grad=parameter.requires_grad))
-            parameter.tetra_layout = layout
+            vars(parameter).update(tags, tetra_layout=layout)  # the swap takes the new tensor's (empty) attributes
     return model

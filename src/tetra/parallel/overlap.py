@@ -2,7 +2,9 @@
 the input-gradient all-reduce runs while the weight-gradient GEMM computes, the depth reduce-scatter of a weight
 gradient runs in the background, the next layer's depth all-gather is prefetched while this layer computes (in
 forward, and in backward when gathered blocks are not kept: regather), and data-parallel gradient sums start in
-buckets as soon as their gradients are final, during the backward pass.
+buckets as soon as their gradients are final, during the backward pass. An untied, unsharded token embedding's
+gradient is summed over its touched rows only (the union over the ranks, found while backward runs): rows no rank's
+tokens used are zero everywhere, and with a large vocabulary they are most of the table.
 
 With overlap off, every collective is started and waited at once, in the same order on the same buffers, so the
 results are bit-identical; only the waiting moves. Every wait is explicit (Pending.wait): nothing relies on a
@@ -60,6 +62,39 @@ class _Bucket:
             offset += parameter.numel()
             if id(parameter) not in self.missing:
                 parameter.grad = piece
+
+
+class _RowBucket(_Bucket):
+    """An embedding table's gradient summed over the rows some rank's tokens touched this step. The union of the
+    ranks' touched rows is summed (a small all-reduce) when the step's last backward begins, so it is known before
+    the gradient is; the table's other rows are zero on every rank and stay as they are."""
+
+    def __init__(self, parameter: nn.Parameter, group: Group, source: nn.Module) -> None:
+        super().__init__([parameter], group)
+        self.source = source  # the embedding: .touched (bool per local row) and .block_shape
+        self.union: Pending | None = None
+        self.rows: torch.Tensor | None = None
+
+    def start_union(self, blocking: bool) -> None:
+        self.union = start_all_reduce(self.source.touched.to(torch.int32), self.group, blocking)
+
+    def start(self, blocking: bool) -> None:
+        (parameter,) = self.parameters
+        self.missing = {id(parameter)} if parameter.grad is None else set()
+        self.rows = self.union.wait().nonzero()[:, 0]
+        table = torch.zeros_like(parameter) if parameter.grad is None else parameter.grad
+        packed = table.view(self.source.block_shape).index_select(0, self.rows)
+        self.pending = start_all_reduce(packed, self.group, blocking)
+
+    def finish(self) -> None:
+        if self.copied_back:
+            return
+        self.copied_back = True
+        (parameter,) = self.parameters
+        summed = self.pending.wait()
+        if id(parameter) not in self.missing:
+            parameter.grad.view(self.source.block_shape).index_copy_(0, self.rows, summed)
+        self.source.touched.zero_()
 
 
 class CommSchedule:
@@ -143,17 +178,28 @@ class CommSchedule:
             group = group_of(parameter)
             if group is None:
                 continue
+            source = getattr(parameter, "tetra_row_source", None)  # an embedding that records its touched rows
+            if source is not None:
+                bucket = _RowBucket(parameter, group, source)
+                self._buckets.append(bucket)
+                self._bucket_of[id(parameter)] = bucket
+                self._hook(parameter)
+                continue
             key = id(group)
             groups[key] = group
             open_buckets.setdefault(key, []).append(parameter)
             open_bytes[key] = open_bytes.get(key, 0) + parameter.numel() * parameter.element_size()
             if open_bytes[key] >= self.bucket_bytes:
                 close(key)
-            if id(parameter) not in self._deferred_parameters and not getattr(parameter, "_tetra_hooked", False):
-                parameter.register_post_accumulate_grad_hook(self.gradient_final)
-                parameter._tetra_hooked = True
+            self._hook(parameter)
         for key in list(open_buckets):
             close(key)
+
+    def _hook(self, parameter: nn.Parameter) -> None:
+        """Tell the schedule when the parameter's gradient is final (unless it arrives through defer())."""
+        if id(parameter) not in self._deferred_parameters and not getattr(parameter, "_tetra_hooked", False):
+            parameter.register_post_accumulate_grad_hook(self.gradient_final)
+            parameter._tetra_hooked = True
 
     def arm(self) -> None:
         """The next backward is the step's last: start the buckets' sums as their gradients become final.
@@ -163,6 +209,8 @@ class CommSchedule:
         self._armed, self._next_bucket = True, 0
         for bucket in self._buckets:
             bucket.reset()
+            if isinstance(bucket, _RowBucket):  # every forward of the step has run: the touched rows are known
+                bucket.start_union(self.blocking)
 
     def gradient_final(self, parameter: nn.Parameter) -> None:
         """Called once a parameter's gradient for this step is complete. Buckets start strictly in bucket order,

@@ -8,7 +8,13 @@ budget for about the cost of the longest. Without cooldowns every point is a ful
 schedule. The sweep is resumable: a run whose final checkpoint exists is skipped, so an interrupted sweep run again
 finishes only what is missing.
 
-Entry points: SweepConfig, load_sweep(path), plan_runs(sweep, base), run_sweep(path) -> the table's rows.
+Under torchrun (`torchrun --nproc-per-node N -m tetra sweep SWEEP.toml`) the N processes train runs side by side,
+each run on one process: every (shape, learning rate) group (a stable run and its cooldowns, which depend on it)
+goes whole to one process, groups dealt out so each process gets about the same number of steps. Process 0 writes
+the table once every run is finished.
+
+Entry points: SweepConfig, load_sweep(path), plan_runs(sweep, base), share_runs(runs, rank, world),
+run_sweep(path, train, share=(rank, world)) -> the table's rows.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -188,26 +195,53 @@ def read_table(folder: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def share_runs(runs: list[PlannedRun], rank: int, world: int) -> list[PlannedRun]:
+    """This process's runs when `world` processes train side by side: whole (shape, lr) groups, the largest first,
+    each to the process with the fewest steps so far (ties to the lowest rank), in the sweep's order."""
+    groups: dict[str, list[PlannedRun]] = {}
+    for run in runs:
+        groups.setdefault(run.name.split("/")[0], []).append(run)
+    load, owner = [0] * world, {}
+    for name, members in sorted(groups.items(), key=lambda item: -sum(run.steps for run in item[1])):
+        target = min(range(world), key=lambda index: (load[index], index))
+        owner[name] = target
+        load[target] += sum(run.steps for run in members)
+    return [run for run in runs if owner[run.name.split("/")[0]] == rank]
+
+
 def run_sweep(path: str | Path, train: Callable[[RunConfig, dict, str | None], Any],
-              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+              log: Callable[[str], None] = print, share: tuple[int, int] = (0, 1),
+              poll_seconds: float = 5.0) -> list[dict[str, Any]]:
     """Train every missing run of the sweep (train(config, explicit_model, resume) is the trainer's entry
-    point), then write and return the table."""
+    point), then write and return the table. share = (rank, world): train only this process's share of the runs
+    (share_runs); rank 0 then waits for the others' runs to finish and writes the table, other ranks return []."""
     sweep = load_sweep(path).sweep
     base, _ = load_run_config(sweep.base, sweep.overrides)
     out = Path(sweep.out)
     runs = plan_runs(sweep, base)
-    rows = []
+    rank, world = share
+    mine = {run.name for run in share_runs(runs, rank, world)}
+    prefix = f"rank {rank}: " if world > 1 else ""
     for index, run in enumerate(runs, 1):
+        if run.name not in mine:
+            continue
         run_dir = out / run.name
         if _finished(run_dir, run.steps):
-            log(f"[{index}/{len(runs)}] {run.name}: done, skipped")
+            log(f"{prefix}[{index}/{len(runs)}] {run.name}: done, skipped")
         else:
-            log(f"[{index}/{len(runs)}] {run.name}: training to step {run.steps}")
+            log(f"{prefix}[{index}/{len(runs)}] {run.name}: training to step {run.steps}")
             overrides = [*sweep.overrides, *run.overrides, f"run.dir={run_dir}", "run.checkpoint_every=0",
                          "run.keep_checkpoints=1000", "eval.every=0"]
             config, explicit_model = load_run_config(sweep.base, overrides)
             train(config, explicit_model, _resume_argument(run, run_dir, out))
-        if run.point is not None:
-            rows.append(_row(run, run_dir, base))
+    if rank != 0:
+        return []
+    waiting = [run for run in runs if not _finished(out / run.name, run.steps)]
+    if waiting:
+        log(f"waiting for {len(waiting)} runs on the other processes")
+    while waiting:  # torchrun stops every process if one fails, so this cannot wait for a run that died
+        time.sleep(poll_seconds)
+        waiting = [run for run in waiting if not _finished(out / run.name, run.steps)]
+    rows = [_row(run, out / run.name, base) for run in runs if run.point is not None]
     write_table(out, rows)
     return rows
