@@ -154,3 +154,42 @@ def input_gradient_gemms(rank: int, world: int, port: int, out_path: str) -> Non
                 json.dump(result, handle)
     finally:
         dist.destroy_process_group()
+
+
+def embedding_rows_summed(rank: int, world: int, port: int, out_path: str) -> None:
+    """One backward on a data-parallel grid whose ranks use different vocabulary rows: the row counts of the
+    embedding's all-reduces (width-32 rows) and the largest difference from a dense all-reduce of the gradient."""
+    import tetra.parallel.overlap as overlap
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        grid = ProcessGrid.build(GridShape(data=world))
+        reference, _ = _reference_and_parallel("llama", grid)
+        model = parallelize(copy.deepcopy(reference), grid)
+        sizes, started = [], overlap.start_all_reduce
+
+        def recording(tensor, group, blocking=False):
+            if tensor.dim() == 2 and tensor.shape[1] == MODELS["llama"]["hidden_size"]:
+                sizes.append(tensor.shape[0])
+            return started(tensor, group, blocking)
+
+        overlap.start_all_reduce = recording
+        # inputs (all but each row's last token) are exactly ids 8 rank .. 8 rank + 15
+        tokens = 8 * rank + torch.arange(2 * (SEQ + 1)).view(2, SEQ + 1) - torch.tensor([[0], [1]])
+        tokens = tokens.clamp(max=8 * rank + 15)
+        replica = Replica(grid)
+        replica.accumulate(model, [tokens], GoldfishConfig())
+        dense = model.embed.weight.grad.clone()  # this rank's own gradient, before its sum is copied in
+        model.comm_schedule.finish()
+        overlap.start_all_reduce = started
+        dist.all_reduce(dense, group=grid.groups["data"])
+        summed = model.embed.weight.grad.view(model.embed.block_shape)
+        result = {"embedding_rows": sizes, "max_error": float((summed - dense.view_as(summed)).abs().max()),
+                  "untouched_zero": bool((summed[24:] == 0).all())}
+        if rank == 0:
+            with open(out_path, "w") as handle:
+                json.dump(result, handle)
+    finally:
+        dist.destroy_process_group()
