@@ -194,7 +194,9 @@ class VocabParallelEmbedding(nn.Module):
         """This rank's [vocab / row, hidden / col] table (for the embedding and a tied head)."""
         depth_group = self.grid.groups["depth"]
         flat = self.weight if depth_group is None else _DepthGather.apply(self.weight, depth_group)
-        return flat[:self.block_shape[0] * self.block_shape[1]].view(self.block_shape)
+        numel = self.block_shape[0] * self.block_shape[1]
+        # Slice only depth padding away: a slice's backward writes its gradient into a fresh zeroed table.
+        return (flat if flat.numel() == numel else flat[:numel]).view(self.block_shape)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.start

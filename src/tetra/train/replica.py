@@ -66,7 +66,12 @@ class Replica:
             return
         if not self._buckets_built:
             grid, include_data = self.grid, not self.zero1
-            schedule.build_buckets(model, lambda parameter: gradient_group(parameter, grid, include_data))
+
+            def group_of(parameter: torch.nn.Parameter):
+                group = gradient_group(parameter, grid, include_data)  # a group of one sums nothing: no bucket
+                return group if group is not None and torch.distributed.get_world_size(group) > 1 else None
+
+            schedule.build_buckets(model, group_of)
             self._buckets_built = True
         schedule.arm()
 
