@@ -65,9 +65,9 @@ def test_only_trained_tokens_reach_the_head(monkeypatch):
     from tetra.train import chunked_loss
 
     seen = []
-    original = chunked_loss._chunk_loss
-    monkeypatch.setattr(chunked_loss, "_chunk_loss", lambda piece, *rest: seen.append(len(piece)) or
-                        original(piece, *rest))
+    original = chunked_loss._statistics
+    monkeypatch.setattr(chunked_loss, "_statistics", lambda logits, *rest: seen.append(len(logits)) or
+                        original(logits, *rest))
     hidden, weight, labels, _ = _case(frozen=True)
     chunked_token_loss(hidden, weight, labels).sum().backward()
     assert sum(seen) == int((labels != -100).sum()) < labels.numel()
@@ -97,3 +97,15 @@ def test_an_fp32_head_gets_an_fp32_gradient_under_autocast():
     (losses * upstream).sum().backward()
     assert weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.float32
     assert not torch.equal(weight.grad, weight.grad.bfloat16().float())
+
+
+def test_a_frozen_head_runs_one_logits_gemm_per_chunk_in_forward():
+    """LoRA's frozen head: the forward forms the hidden-state gradient from the logits it already has, so it costs
+    two GEMMs of the head's size (logits, then the gradient times the head), not three."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    hidden, weight, labels, _ = _case(frozen=True)
+    with FlopCounterMode(display=False) as counter:
+        chunked_token_loss(hidden, weight, labels, chunk_tokens=13)
+    tokens = int((labels != -100).sum())
+    assert counter.get_total_flops() == 2 * (2 * tokens * weight.shape[0] * weight.shape[1])

@@ -6,6 +6,7 @@ with --exclude, and bad sweep files named field by field."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,3 +214,31 @@ def test_a_sweep_under_torchrun_trains_runs_side_by_side_with_one_processs_resul
     alone = run_sweep(sweep, lambda config, model, resume: train(config, model, resume, show_progress=False),
                       log=lambda line: None)
     assert side_by_side == alone and len(alone) == 4
+
+
+def test_a_stopped_process_ends_the_sweep_instead_of_a_wait_forever(tmp_path):
+    """Process 0 waits for the other processes' runs, but not for a process that stopped (a failure or a signal):
+    it says which and how to continue. A run stopped by a signal ends its process's share too."""
+    from types import SimpleNamespace
+
+    from tetra.errors import TetraError
+
+    _, sweep = _sweep_files(tmp_path)
+    out = tmp_path / "sweep"
+
+    def pretend_train(config, model, resume, stopped_by=None):
+        run_dir = Path(config.run.dir)
+        (run_dir / "checkpoints" / f"step-{config.train.max_steps:07d}").mkdir(parents=True)
+        return SimpleNamespace(stopped_by=stopped_by)
+
+    def peer_stops_meanwhile(config, model, resume):
+        result = pretend_train(config, model, resume)
+        (out / ".stopped-rank-1").write_text("w32-d1-lr0.003/stable failed: OSError: disk full")
+        return result
+
+    with pytest.raises(TetraError, match="process 1 stopped .*disk full.* Run the sweep again"):
+        run_sweep(sweep, peer_stops_meanwhile, log=lambda line: None, share=(0, 2), poll_seconds=0.01)
+    lines = []
+    assert run_sweep(sweep, lambda *a: pretend_train(*a, stopped_by="SIGTERM"), log=lines.append, share=(1, 2)) == []
+    assert "stopped by SIGTERM" in lines[-1] and "SIGTERM" in (out / ".stopped-rank-1").read_text()
+    assert not (out / "sweep.json").exists()

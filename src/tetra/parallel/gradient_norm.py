@@ -22,7 +22,13 @@ def local_square_sum(pieces: Iterable[tuple[torch.Tensor, int]]) -> torch.Tensor
         by_copies.setdefault(copies, []).append(gradient.detach())
     total = torch.zeros((), dtype=torch.float64)
     for copies, gradients in by_copies.items():
-        norm = torch.nn.utils.get_total_norm(gradients).double().cpu()
+        wide = [g for g in gradients if g.dtype in (torch.float32, torch.float64)]
+        # bf16 / fp16 gradients: each norm accumulated in fp32 (their own dtype would round and overflow early)
+        norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in gradients if g.dtype not in
+                 (torch.float32, torch.float64)]
+        if wide:
+            norms.append(torch.nn.utils.get_total_norm(wide))
+        norm = torch.linalg.vector_norm(torch.stack([n.double().cpu() for n in norms]))
         total += norm * norm / copies
     return total
 

@@ -76,7 +76,7 @@ class _RowBucket(_Bucket):
         self.rows: torch.Tensor | None = None
 
     def start_union(self, blocking: bool) -> None:
-        self.union = start_all_reduce(self.source.touched.to(torch.int32), self.group, blocking)
+        self.union = start_all_reduce(self.source.touched.clone(), self.group, blocking)
 
     def start(self, blocking: bool) -> None:
         (parameter,) = self.parameters
@@ -180,6 +180,8 @@ class CommSchedule:
                 continue
             source = getattr(parameter, "tetra_row_source", None)  # an embedding that records its touched rows
             if source is not None:
+                for key in list(open_buckets):  # their gradients are final earlier: they must not wait for it
+                    close(key)
                 bucket = _RowBucket(parameter, group, source)
                 self._buckets.append(bucket)
                 self._bucket_of[id(parameter)] = bucket

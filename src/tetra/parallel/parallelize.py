@@ -93,8 +93,6 @@ def parallelize(model: Transformer, grid: ProcessGrid, overlap: bool = True,
     model.norm = ParallelNorm(model.norm, grid, width)
     if model.config.tie_embeddings:
         model.head = TiedHead(model.embed, grid)
-    elif grid.size("data") > 1 and grid.size("depth") == 1 and model.embed.weight.requires_grad:
-        model.embed.sum_touched_rows_only()
     if grid.size("depth") > 1:  # forward order, for prefetching each next layer's weights
         schedule.set_forward_order([module for module in model.modules() if isinstance(module, TensorParallelLinear)])
     model.comm_schedule = schedule

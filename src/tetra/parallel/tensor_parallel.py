@@ -181,13 +181,13 @@ class VocabParallelEmbedding(nn.Module):
         layout = Layout(tuple(embedding.weight.shape), 0, 1, depth=True)
         self.block_shape = layout.block_shape(grid)
         self.weight = sharded_parameter(embedding.weight, layout, grid)
-        self.touched: torch.Tensor | None = None  # rows this rank's tokens used since the last gradient sum
+        self.touched: torch.Tensor | None = None  # uses of each row by this rank's tokens since the last sum
 
     def sum_touched_rows_only(self) -> None:
-        """Record the rows each forward touches, so the data-parallel gradient sum sends only the union's rows
-        (CommSchedule's row bucket). Only for an unsharded table whose gradient comes from the lookup alone (not
-        tied to the head)."""
-        self.touched = torch.zeros(self.per_rank, dtype=torch.bool)  # moves to the ids' device on first use
+        """Count the rows each forward with autograd on uses, so the data-parallel gradient sum sends only the
+        union's rows (CommSchedule's row bucket, which resets the counts). Only for an unsharded table whose
+        gradient comes from the lookup alone (not tied to the head). Counted with index_add_: no host sync."""
+        self.touched = torch.zeros(self.per_rank, dtype=torch.int32)  # moves to the ids' device on first use
         self.weight.tetra_row_source = self
 
     def block(self) -> torch.Tensor:
@@ -204,7 +204,7 @@ class VocabParallelEmbedding(nn.Module):
         if self.touched is not None and torch.is_grad_enabled():
             if self.touched.device != ids.device:
                 self.touched = self.touched.to(ids.device)
-            self.touched[local[inside]] = True
+            self.touched.index_add_(0, local.clamp(0, self.per_rank - 1).flatten(), inside.flatten().to(torch.int32))
         rows = F.embedding(local.clamp(0, self.per_rank - 1), self.block()) * inside.unsqueeze(-1)
         return reduce_forward(rows, self.grid.groups["row"])
 

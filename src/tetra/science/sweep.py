@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tetra.config import RunConfig, build_section, load_run_config, read_toml
-from tetra.errors import ConfigError
+from tetra.errors import ConfigError, TetraError
 from tetra.model.config import ModelConfig
 
 TABLE_COLUMNS = ("run", "width", "depth", "heads", "lr", "tokens", "steps", "params", "non_embedding_params",
@@ -195,6 +195,22 @@ def read_table(folder: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _mark_stopped(out: Path, rank: int, reason: str) -> None:
+    """Leave word for process 0 (which waits for every run) that this process will not finish its share."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f".stopped-rank-{rank}").write_text(reason, encoding="utf-8")
+
+
+def _raise_if_a_peer_stopped(out: Path, since: float) -> None:
+    """Process 0's wait ends when another process of this sweep (a mark newer than its start) stopped: under
+    torchrun a failure stops every process anyway, under srun it does not."""
+    for mark in sorted(out.glob(".stopped-rank-*")):
+        if mark.stat().st_mtime >= since:
+            raise TetraError(f"The sweep's process {mark.name.rsplit('-', 1)[1]} stopped ("
+                             f"{mark.read_text(encoding='utf-8')}), so its runs will not finish. Run the sweep "
+                             "again: finished runs are skipped and interrupted ones resume.")
+
+
 def share_runs(runs: list[PlannedRun], rank: int, world: int) -> list[PlannedRun]:
     """This process's runs when `world` processes train side by side: whole (shape, lr) groups, the largest first,
     each to the process with the fewest steps so far (ties to the lowest rank), in the sweep's order."""
@@ -222,24 +238,34 @@ def run_sweep(path: str | Path, train: Callable[[RunConfig, dict, str | None], A
     rank, world = share
     mine = {run.name for run in share_runs(runs, rank, world)}
     prefix = f"rank {rank}: " if world > 1 else ""
+    started = time.time()
     for index, run in enumerate(runs, 1):
         if run.name not in mine:
             continue
         run_dir = out / run.name
         if _finished(run_dir, run.steps):
             log(f"{prefix}[{index}/{len(runs)}] {run.name}: done, skipped")
-        else:
-            log(f"{prefix}[{index}/{len(runs)}] {run.name}: training to step {run.steps}")
-            overrides = [*sweep.overrides, *run.overrides, f"run.dir={run_dir}", "run.checkpoint_every=0",
-                         "run.keep_checkpoints=1000", "eval.every=0"]
-            config, explicit_model = load_run_config(sweep.base, overrides)
-            train(config, explicit_model, _resume_argument(run, run_dir, out))
+            continue
+        log(f"{prefix}[{index}/{len(runs)}] {run.name}: training to step {run.steps}")
+        overrides = [*sweep.overrides, *run.overrides, f"run.dir={run_dir}", "run.checkpoint_every=0",
+                     "run.keep_checkpoints=1000", "eval.every=0"]
+        config, explicit_model = load_run_config(sweep.base, overrides)
+        try:
+            result = train(config, explicit_model, _resume_argument(run, run_dir, out))
+        except BaseException as error:
+            _mark_stopped(out, rank, f"{run.name} failed: {type(error).__name__}: {error}")
+            raise
+        if getattr(result, "stopped_by", None):  # a signal: the run saved where it was; so does the sweep
+            _mark_stopped(out, rank, f"{run.name} stopped by {result.stopped_by}")
+            log(f"{prefix}stopped by {result.stopped_by}; run the sweep again to finish it")
+            return []
     if rank != 0:
         return []
     waiting = [run for run in runs if not _finished(out / run.name, run.steps)]
     if waiting:
         log(f"waiting for {len(waiting)} runs on the other processes")
-    while waiting:  # torchrun stops every process if one fails, so this cannot wait for a run that died
+    while waiting:
+        _raise_if_a_peer_stopped(out, started)
         time.sleep(poll_seconds)
         waiting = [run for run in waiting if not _finished(out / run.name, run.steps)]
     rows = [_row(run, out / run.name, base) for run in runs if run.point is not None]

@@ -36,19 +36,18 @@ def chunk_rows(vocabulary: int, device: torch.device) -> int:
     return max(16, min(DEFAULT_CHUNK, CPU_CHUNK_BYTES // (4 * vocabulary)))
 
 
-def _chunk_loss(piece: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-token losses, fp32 log-normalizers) of one chunk of labelled tokens."""
-    logits = piece @ weight.t()
-    picked = torch.log_softmax(logits, dim=-1, dtype=torch.float32).gather(1, target[:, None])[:, 0]
-    target_logits = logits.gather(1, target[:, None])[:, 0].float()
+def _statistics(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token losses, log-normalizers) of one chunk's logits, in fp32 (fp64 for fp64 logits)."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    picked = torch.log_softmax(logits, dim=-1, dtype=dtype).gather(1, target[:, None])[:, 0]
+    target_logits = logits.gather(1, target[:, None])[:, 0].to(dtype)
     return -picked, target_logits - picked
 
 
-def _logit_gradient(piece: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                    log_normalizers: torch.Tensor) -> torch.Tensor:
-    """softmax - onehot of the chunk's logits (recomputed), unscaled, in the GEMM dtype."""
-    logits = piece @ weight.t()
-    target_logits = logits.gather(1, target[:, None])[:, 0].float()
+def _softmax_minus_onehot(logits: torch.Tensor, target: torch.Tensor,
+                          log_normalizers: torch.Tensor) -> torch.Tensor:
+    """softmax - onehot of one chunk's logits, unscaled, in the logits' (the GEMM's) dtype."""
+    target_logits = logits.gather(1, target[:, None])[:, 0].to(log_normalizers.dtype)
     gradient = torch.softmax(logits, dim=-1)
     # The target column in fp32 before its one rounding: p - 1 loses every bit of p near 1 once p is rounded.
     target_gradient = torch.exp(target_logits - log_normalizers) - 1.0
@@ -66,14 +65,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 eager_gradient: bool, dtype: torch.dtype) -> torch.Tensor:
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         hidden, weight = hidden.to(dtype), weight.to(dtype)
-        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        statistics_dtype = torch.promote_types(dtype, torch.float32)
+        losses = torch.empty(hidden.shape[0], dtype=statistics_dtype, device=hidden.device)
         log_normalizers = torch.empty_like(losses)
         unscaled = torch.empty_like(hidden) if eager_gradient else None
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
-            losses[rows], log_normalizers[rows] = _chunk_loss(hidden[rows], weight, labels[rows])
+            logits = hidden[rows] @ weight.t()
+            losses[rows], log_normalizers[rows] = _statistics(logits, labels[rows])
             if unscaled is not None:
-                unscaled[rows] = _logit_gradient(hidden[rows], weight, labels[rows], log_normalizers[rows]) @ weight
+                unscaled[rows] = _softmax_minus_onehot(logits, labels[rows], log_normalizers[rows]) @ weight
         ctx.eager_gradient, ctx.chunk = eager_gradient, chunk
         ctx.save_for_backward(*((unscaled,) if eager_gradient else (hidden, weight, labels, log_normalizers)))
         return losses
@@ -91,7 +92,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
             piece, scale = hidden[rows], grad_losses[rows].float()[:, None]
-            grad_logits = _logit_gradient(piece, weight, labels[rows], log_normalizers[rows])
+            grad_logits = _softmax_minus_onehot(piece @ weight.t(), labels[rows], log_normalizers[rows])
             if grad_hidden is not None:
                 grad_hidden[rows] = (grad_logits @ weight).float() * scale
             if grad_weight is not None:

@@ -19,7 +19,7 @@ from tetra.parallel.collectives import all_reduce
 from tetra.parallel.gemm_layout import OUT_IN
 from tetra.parallel.grid import ProcessGrid
 from tetra.parallel.parallelize import clip_global_grad_norm, gradient_group, parallel_token_losses, sync_gradients
-from tetra.parallel.tensor_parallel import TensorParallelLinear
+from tetra.parallel.tensor_parallel import TensorParallelLinear, TiedHead, VocabParallelEmbedding
 from tetra.parallel.zero import ZeroOptimizer
 from tetra.train.chunked_loss import chunked_token_loss
 from tetra.train.goldfish import goldfish_drop_mask
@@ -75,6 +75,15 @@ class Replica:
             self._buckets_built = True
         schedule.arm()
 
+    def _count_embedding_rows(self, model: torch.nn.Module) -> None:
+        """Before the first forward: an untied, unsharded embedding whose gradient the data ranks sum in buckets
+        (not ZeRO-1's reduce-scatter) counts the rows its tokens use, so the sum sends only those rows."""
+        embed, head = getattr(model, "embed", None), getattr(model, "head", None)
+        if (self.splits_model and not self.zero1 and self.grid.size("data") > 1 and self.grid.size("depth") == 1
+                and isinstance(embed, VocabParallelEmbedding) and embed.weight.requires_grad
+                and not isinstance(head, TiedHead) and getattr(model, "comm_schedule", None) is not None):
+            embed.sum_touched_rows_only()
+
     def token_losses(self, model: torch.nn.Module, tokens: torch.Tensor | Batch) -> torch.Tensor:
         """Per-token next-token losses [B, T] of this rank's [B, T + 1] batch (0 at ignored labels)."""
         head = self._whole_head(model)
@@ -119,6 +128,8 @@ class Replica:
         """Forward and backward over the micro-batches of one step. Every kept token of the global batch weighs the
         same: each micro-batch's summed loss is divided by the global count of kept tokens, known up front because
         the goldfish mask and the loss mask depend on the tokens alone."""
+        if not self._buckets_built:
+            self._count_embedding_rows(model)
         batches = [as_batch(tokens) for tokens in batches]
         drops = [goldfish_drop_mask(batch.tokens, goldfish) for batch in batches]
         counts = torch.zeros(2, dtype=torch.float64)  # kept, dropped
