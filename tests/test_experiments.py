@@ -109,3 +109,11 @@ def test_scaling_study_smoke(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert [fit["runs"] for fit in results["fits"]] == [12, 6, 8] and results["held_out"]["width"] == 32
     assert (tmp_path / "scaling_fit.png").stat().st_size > 10000 and "held-out" in (tmp_path / "table.md").read_text()
+
+
+def test_lr_study_smoke(tmp_path):
+    experiment = _load("lr_study")
+    assert experiment.main(["--smoke", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results["points"]) == 4 and all(set(p["losses"]) == {"0.003", "0.01"} for p in results["points"])
+    assert "refitted: lr_opt" in (tmp_path / "table.md").read_text()

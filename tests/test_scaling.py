@@ -242,3 +242,17 @@ def test_a_stopped_process_ends_the_sweep_instead_of_a_wait_forever(tmp_path):
     assert run_sweep(sweep, lambda *a: pretend_train(*a, stopped_by="SIGTERM"), log=lines.append, share=(1, 2)) == []
     assert "stopped by SIGTERM" in lines[-1] and "SIGTERM" in (out / ".stopped-rank-1").read_text()
     assert not (out / "sweep.json").exists()
+
+
+def test_the_best_rate_between_grid_points_comes_from_a_parabola_in_log_lr():
+    """Losses of a parabola in log(lr) sampled 3x apart give back its minimum, not the nearest sampled rate; a best
+    rate at the grid's edge stays the sampled one."""
+    from tetra.science.hparams import best_learning_rates
+
+    true_best = 2e-3
+    rows = [{"non_embedding_params": 1e6, "tokens": 1e8, "lr": lr, "loss": 3 + (np.log(lr / true_best)) ** 2}
+            for lr in (1e-3, 3e-3, 1e-2)]
+    rows += [{"non_embedding_params": 2e6, "tokens": 1e8, "lr": lr, "loss": loss}
+             for lr, loss in ((1e-3, 3.0), (3e-3, 3.2), (1e-2, 3.5))]
+    (_, _, interpolated), (_, _, edge) = best_learning_rates(rows)
+    assert interpolated == pytest.approx(true_best, rel=1e-9) and edge == 1e-3

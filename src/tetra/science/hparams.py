@@ -53,12 +53,27 @@ class LearningRateLaw:
 
 
 def best_learning_rates(rows: list[dict]) -> list[tuple[float, float, float]]:
-    """(N, D, the learning rate with the lowest final loss) for every (N, D) a sweep ran at several rates."""
+    """(N, D, the best learning rate) for every (N, D) a sweep ran at several rates: the lowest final loss, or, when
+    that rate has a sampled rate on each side, the minimum of the parabola through the three in log(lr) (a coarse
+    grid, 3x apart say, would otherwise give the same rate everywhere and no law)."""
     groups: dict[tuple[float, float], list[dict]] = {}
     for row in rows:
         groups.setdefault((float(row["non_embedding_params"]), float(row["tokens"])), []).append(row)
-    return [(n, d, float(min(group, key=lambda r: r["loss"])["lr"])) for (n, d), group in sorted(groups.items())
+    return [(n, d, _interpolated_best(group)) for (n, d), group in sorted(groups.items())
             if len({r["lr"] for r in group}) > 1]
+
+
+def _interpolated_best(group: list[dict]) -> float:
+    ordered = sorted(group, key=lambda row: float(row["lr"]))
+    index = min(range(len(ordered)), key=lambda i: float(ordered[i]["loss"]))
+    if index in (0, len(ordered) - 1):
+        return float(ordered[index]["lr"])
+    near = ordered[index - 1:index + 2]
+    x = np.log([float(row["lr"]) for row in near])
+    curvature, slope, _ = np.polyfit(x, [float(row["loss"]) for row in near], 2)
+    if curvature <= 0:
+        return float(ordered[index]["lr"])
+    return float(np.exp(np.clip(-slope / (2 * curvature), x[0], x[2])))
 
 
 def fit_learning_rate_law(rows: list[dict]) -> LearningRateLaw:
