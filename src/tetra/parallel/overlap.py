@@ -71,7 +71,7 @@ class _RowBucket(_Bucket):
 
     def __init__(self, parameter: nn.Parameter, group: Group, source: nn.Module) -> None:
         super().__init__([parameter], group)
-        self.source = source  # the embedding: .touched (bool per local row) and .block_shape
+        self.source = source  # the embedding: .touched (uses per local row) and .block_shape
         self.union: Pending | None = None
         self.rows: torch.Tensor | None = None
 

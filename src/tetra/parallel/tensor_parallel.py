@@ -63,9 +63,10 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 class _OverlappedLinear(torch.autograd.Function):
-    """y = x W^T (with the weight stored in the layer's GEMM layout) whose backward overlaps communication with
-    computation: the input gradient's all-reduce over the out-feature group runs while the weight gradient's GEMM
-    computes; a depth-sharded weight's gradient is then reduce-scattered in the background and added to the
+    """y = x W^T (with the weight stored in the layer's GEMM layout), summed over the in-feature group in forward,
+    whose backward overlaps communication with computation (and skips the input gradient when none is needed): the
+    input gradient's all-reduce over the out-feature group runs while the weight gradient's GEMM computes; a
+    depth-sharded weight's gradient is then reduce-scattered in the background and added to the
     shard's .grad by the layer's CommSchedule."""
 
     @staticmethod
