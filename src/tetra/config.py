@@ -339,8 +339,10 @@ def validate_run_config(config: RunConfig, explicit_model: dict[str, Any]) -> li
         problems.append(f"train.galore_rank and train.projection_interval must be at least 1 (got "
                         f"{train.galore_rank}, {train.projection_interval})")
     if train.optimizer != "adamw" and (config.parallel.zero1 or config.parallel.strategy == "fsdp2"):
-        problems.append(f"train.optimizer = {train.optimizer!r} keeps whole matrices' singular vectors; it runs on "
-                        "one process or with parallel.strategy = \"ddp\" (no zero1, no fsdp2) for now")
+        problems.append(f"train.optimizer = {train.optimizer!r} keeps state shaped by whole matrices' singular "
+                        "vectors, which ZeRO-1's and FSDP2's flat shards cut apart; drop parallel.zero1 / use "
+                        "parallel.strategy = \"4d\" (its depth dimension shards this state like the weights) or "
+                        "\"ddp\"")
     if isinstance(train.activation_checkpointing, str):
         _choice(problems, "train.activation_checkpointing", train.activation_checkpointing, RECOMPUTE_PARTS)
     _choice(problems, "train.on_nonfinite", train.on_nonfinite, ("stop", "skip"))

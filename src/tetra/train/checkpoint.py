@@ -23,19 +23,21 @@ from tetra.model.io import check_tensors, load_weights_into, read_model_tensors
 from tetra.model.safetensors_io import read_tensors
 from tetra.model.sharded_io import has_shards, read_sharded_tensors, sharded_metadata
 from tetra.parallel.grid import ProcessGrid
-from tetra.parallel.layout import shard
+from tetra.parallel.layout import Layout, shard
 from tetra.parallel.zero import set_optimizer_state
 from tetra.train.checkpoint_write import TRAINER_STATE, list_checkpoints
-from tetra.train.sharded_checkpoint import load_shards
+from tetra.train.sharded_checkpoint import load_shards, state_layout
 from tetra.train.torch_strategies import is_dtensor, piece_of
 
 
-def _piece(full: torch.Tensor, parameter: torch.Tensor, grid: ProcessGrid | None) -> torch.Tensor:
-    """This rank's piece of a full tensor saved for `parameter`."""
+def _piece(full: torch.Tensor, parameter: torch.Tensor, grid: ProcessGrid | None,
+           layout: Layout | None = None) -> torch.Tensor:
+    """This rank's piece of a full tensor saved for `parameter` (layout: the tensor's own, when it is optimizer
+    state not shaped like the parameter)."""
     dtensor_piece = piece_of(full, parameter)  # FSDP2
     if dtensor_piece is not None:
         return dtensor_piece
-    layout = getattr(parameter, "tetra_layout", None)
+    layout = layout or getattr(parameter, "tetra_layout", None)
     if grid is None or layout is None or full.dim() == 0:
         return full
     return shard(full, layout, grid)
@@ -136,4 +138,5 @@ def _load_optimizer(tensors: dict[str, torch.Tensor], model: Transformer, optimi
         name, field = key.rsplit("/", 1)
         parameter = parameters[name]
         # fused AdamW keeps "step" on the parameter's device too
-        set_optimizer_state(optimizer, parameter, field, _piece(value, parameter, grid))
+        set_optimizer_state(optimizer, parameter, field,
+                            _piece(value, parameter, grid, state_layout(optimizer, parameter, field)))

@@ -29,6 +29,7 @@ from tetra.model.safetensors_io import write_tensors
 from tetra.parallel.grid import ProcessGrid
 from tetra.parallel.layout import unshard
 from tetra.train.distributed import is_main_rank
+from tetra.train.sharded_checkpoint import state_layout
 from tetra.train.torch_strategies import full_tensor
 
 TRAINER_STATE = "trainer_state.json"
@@ -178,15 +179,18 @@ def stage_replicated_checkpoint(target: CheckpointTarget, step: int, model: Tran
     4D grid (grid given) takes this path too: only the small adapters and their optimizer state are gathered."""
     parameters = dict(model.named_parameters())
 
-    def whole(name: str, value: torch.Tensor) -> torch.Tensor:
-        layout = getattr(parameters.get(name), "tetra_layout", None)
+    def whole(name: str, value: torch.Tensor, field: str | None = None) -> torch.Tensor:
+        parameter = parameters.get(name)
+        layout = getattr(parameter, "tetra_layout", None) if field is None else \
+            state_layout(optimizer, parameter, field)
         if grid is None or layout is None or value.dim() == 0:
             return full_tensor(value.detach())
         return unshard(value.detach(), layout, grid)
 
     saved = _adapter_tensors(model) if has_lora(model) else model_tensors_for_saving(model)
     weights = {name: whole(name, value) for name, value in saved.items()}
-    optim = {key: whole(key.rsplit("/", 1)[0], value) for key, value in optimizer_tensors(model, optimizer).items()}
+    optim = {key: whole(key.rsplit("/", 1)[0], value, key.rsplit("/", 1)[1])
+             for key, value in optimizer_tensors(model, optimizer).items()}
     if not is_main_rank():
         return None
     return _single_writer(target, step, model, state, _to_host(weights, copy), _to_host(optim, copy), _rng_tensors())

@@ -16,12 +16,22 @@ A parameter group with "project": True holds the matrices that get this treatmen
 blocks' attention and MLP weights there, as GaLore does); every other group, and any tensor that is not 2-D, gets
 plain AdamW.
 
-Entry points: GaLore(param_groups, ...), Conda(param_groups, ...).
+On the 4D grid (grid given) each matrix is seen through its SplitMatrix: the projections and rotations are block
+products summed over the group that splits the contracted side, the state is split like the weight (see each
+class), and only a refresh sees the whole matrix (gathered on every rank of the replica for its SVD), so every rank
+computes the one-process update of its own piece. state_layouts(parameter) tells a sharded checkpoint how to store
+the state that is not shaped like the weight.
+
+Entry points: GaLore(param_groups, ..., grid=None), Conda(param_groups, ..., grid=None).
 """
 
 from __future__ import annotations
 
 import torch
+
+from tetra.parallel.grid import ProcessGrid
+from tetra.parallel.layout import Layout
+from tetra.parallel.split_matrix import SplitMatrix
 
 
 def _adam(parameter: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
@@ -38,20 +48,46 @@ def _adam(parameter: torch.Tensor, grad: torch.Tensor, state: dict, group: dict)
     parameter.addcdiv_(state["exp_avg"], denominator, value=-group["lr"] / (1 - beta1**step))
 
 
-def _left_side(shape: torch.Size) -> bool:
+def _left_side(shape: tuple[int, int]) -> bool:
     """Project (or rotate) the rows when there are fewer of them than columns."""
     return shape[0] < shape[1]
 
 
 class _SingularOptimizer(torch.optim.Optimizer):
-    """What GaLore and Conda share: AdamW for unprojected tensors, decoupled weight decay, the refresh clock."""
+    """What GaLore and Conda share: AdamW for unprojected tensors, decoupled weight decay, the refresh clock, and
+    each matrix seen through its SplitMatrix (the whole matrix on one process; its block on the 4D grid)."""
 
     def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
-                 update_interval: int, **extra) -> None:
+                 update_interval: int, grid: ProcessGrid | None = None, **extra) -> None:
         if update_interval < 1:
             raise ValueError(f"update_interval must be at least 1 (got {update_interval})")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       update_interval=update_interval, **extra))
+        self.grid = grid
+        self._views: dict[torch.Tensor, SplitMatrix] = {}
+
+    def _view(self, parameter: torch.Tensor) -> SplitMatrix:
+        if parameter not in self._views:
+            self._views[parameter] = SplitMatrix.of(parameter, self.grid)
+        return self._views[parameter]
+
+    def _is_matrix(self, parameter: torch.Tensor) -> bool:
+        """2-D as a whole (a grid shard may be stored flat)."""
+        layout = getattr(parameter, "tetra_layout", None) if self.grid is not None else None
+        return len(layout.full_shape if layout is not None else parameter.shape) == 2
+
+    def _projected(self, parameter: torch.Tensor) -> dict | None:
+        """The parameter's group when it gets the matrix treatment, else None."""
+        for group in self.param_groups:
+            if any(p is parameter for p in group["params"]):
+                return group if group.get("project") and self._is_matrix(parameter) else None
+        return None
+
+    def state_layouts(self, parameter: torch.Tensor) -> dict[str, Layout]:
+        """Layouts (full shape and split) of the state tensors not shaped like the parameter: what a sharded
+        checkpoint needs to write and reshard them."""
+        group = self._projected(parameter)
+        return {} if group is None else self._matrix_state_layouts(self._view(parameter), group)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -66,73 +102,111 @@ class _SingularOptimizer(torch.optim.Optimizer):
                 state = self.state[parameter]
                 if "step" in state:  # a checkpoint hands it back as a tensor; the bias corrections want a number
                     state["step"] = int(state["step"])
-                if group.get("project") and parameter.dim() == 2:
-                    self._matrix_step(parameter, grad, state, group)
+                if group.get("project") and self._is_matrix(parameter):
+                    self._matrix_step(self._view(parameter), parameter, grad, state, group)
                 else:
                     _adam(parameter, grad, state, group)
         return loss
 
-    def _matrix_step(self, parameter, grad, state, group) -> None:
+    def _matrix_step(self, view: SplitMatrix, parameter, grad, state, group) -> None:
+        raise NotImplementedError
+
+    def _matrix_state_layouts(self, view: SplitMatrix, group: dict) -> dict[str, Layout]:
         raise NotImplementedError
 
 
+def _normalized(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, group: dict) -> torch.Tensor:
+    """Adam's bias-corrected m_hat / (sqrt(v_hat) + eps)."""
+    beta1, beta2 = group["betas"]
+    return (exp_avg / (1 - beta1**step)) / ((exp_avg_sq / (1 - beta2**step)).sqrt() + group["eps"])
+
+
 class GaLore(_SingularOptimizer):
-    """Adam in a rank-`rank` projection of each matrix's gradient, refreshed every update_interval steps."""
+    """Adam in a rank-`rank` projection of each matrix's gradient, refreshed every update_interval steps.
+
+    On the grid: the projector's rows follow the split of the projected side, the moments (of P^T G: [r, n], or
+    G P: [m, r]) are split like the other side and sharded over depth; the refresh's SVD takes the whole gradient."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, rank: int = 128, update_interval: int = 200, scale: float = 0.25) -> None:
+                 weight_decay: float = 0.0, rank: int = 128, update_interval: int = 200, scale: float = 0.25,
+                 grid: ProcessGrid | None = None) -> None:
         if rank < 1:
             raise ValueError(f"GaLore's rank must be at least 1 (got {rank})")
-        super().__init__(params, lr, betas, eps, weight_decay, update_interval, rank=rank, scale=scale)
+        super().__init__(params, lr, betas, eps, weight_decay, update_interval, grid, rank=rank, scale=scale)
 
-    def _matrix_step(self, parameter, grad, state, group) -> None:
-        left = _left_side(grad.shape)
-        rank = min(group["rank"], *grad.shape)
-        if not state or state["step"] % group["update_interval"] == 0:
-            u, _, vh = torch.linalg.svd(grad, full_matrices=False)
-            state["projector"] = u[:, :rank].contiguous() if left else vh[:rank].T.contiguous()
+    def _matrix_state_layouts(self, view: SplitMatrix, group: dict) -> dict[str, Layout]:
+        m, n = view.shape
+        rank = min(group["rank"], m, n)
+        side = 0 if _left_side(view.shape) else 1
+        moments = view.state_layout((rank, n), {1: 1}, depth=True) if side == 0 else \
+            view.state_layout((m, rank), {0: 0}, depth=True)
+        return {"projector": view.state_layout((view.shape[side], rank), {0: side}, depth=False),
+                "exp_avg": moments, "exp_avg_sq": moments}
+
+    def _matrix_step(self, view: SplitMatrix, parameter, grad, state, group) -> None:
+        left = _left_side(view.shape)
+        side = 0 if left else 1
+        rank = min(group["rank"], *view.shape)
+        if "projector" not in state or state["step"] % group["update_interval"] == 0:
+            u, _, vh = torch.linalg.svd(view.full(grad), full_matrices=False)
+            state["projector"] = view.chunk(u[:, :rank] if left else vh[:rank].T, side)
         projector = state["projector"]
-        reduced = projector.T @ grad if left else grad @ projector
+        block = view.block(grad)
+        reduced = view.sum_over(side, projector.T @ block if left else block @ projector)
+        piece = view.depth_piece(reduced)
         if "exp_avg" not in state:
             state["step"] = 0
-            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(reduced), torch.zeros_like(reduced)
+            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(piece), torch.zeros_like(piece)
         beta1, beta2 = group["betas"]
         state["step"] += 1
-        state["exp_avg"].lerp_(reduced, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(reduced, reduced, value=1 - beta2)
-        step = state["step"]
-        normalized = (state["exp_avg"] / (1 - beta1**step)) / ((state["exp_avg_sq"] / (1 - beta2**step)).sqrt()
-                                                               + group["eps"])
+        state["exp_avg"].lerp_(piece, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(piece, piece, value=1 - beta2)
+        normalized = view.depth_whole(_normalized(state["exp_avg"], state["exp_avg_sq"], state["step"], group),
+                                      tuple(reduced.shape))
         update = projector @ normalized if left else normalized @ projector.T
-        parameter.add_(update.to(parameter.dtype), alpha=-group["lr"] * group["scale"])
+        parameter.add_(view.local(update).to(parameter.dtype), alpha=-group["lr"] * group["scale"])
 
 
 class Conda(_SingularOptimizer):
-    """Adam with the second moment taken in the rotated basis of the first moment's singular vectors."""
+    """Adam with the second moment taken in the rotated basis of the first moment's singular vectors.
+
+    On the grid: both moments are shaped and sharded like the weight (the rotated index split like the side it
+    replaces); the basis keeps the rows of this rank's chunk of the rotated side; the refresh's SVD takes the whole
+    first moment."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, update_interval: int = 200) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, update_interval)
+                 weight_decay: float = 0.0, update_interval: int = 200, grid: ProcessGrid | None = None) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, update_interval, grid)
 
-    def _matrix_step(self, parameter, grad, state, group) -> None:
-        left = _left_side(grad.shape)
+    def _matrix_state_layouts(self, view: SplitMatrix, group: dict) -> dict[str, Layout]:
+        side = 0 if _left_side(view.shape) else 1
+        return {"basis": view.state_layout((view.shape[side],) * 2, {0: side}, depth=False)}
+
+    def _matrix_step(self, view: SplitMatrix, parameter, grad, state, group) -> None:
+        left = _left_side(view.shape)
+        side = 0 if left else 1
         if "exp_avg" not in state:
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(grad)
         beta1, beta2 = group["betas"]
         state["exp_avg"].lerp_(grad, 1 - beta1)
         if state["step"] % group["update_interval"] == 0:
-            u, _, vh = torch.linalg.svd(state["exp_avg"], full_matrices=False)
-            state["basis"] = u.contiguous() if left else vh.T.contiguous()
+            u, _, vh = torch.linalg.svd(view.full(state["exp_avg"]), full_matrices=False)
+            state["basis"] = view.chunk(u if left else vh.T, side)
         basis = state["basis"]
-        rotated_grad = basis.T @ grad if left else grad @ basis
-        rotated_avg = basis.T @ state["exp_avg"] if left else state["exp_avg"] @ basis
+
+        def rotate(local: torch.Tensor) -> torch.Tensor:
+            # U^T B (or B U) summed over the side's group; this rank keeps its chunk of the rotated side
+            block = view.block(local)
+            rotated = basis.T @ block if left else block @ basis
+            return view.local(view.sum_and_chunk(side, rotated, dim=side))
+
+        rotated_grad, rotated_avg = rotate(grad), rotate(state["exp_avg"])
         if "exp_avg_sq" not in state:
             state["exp_avg_sq"] = torch.zeros_like(rotated_grad)
         state["step"] += 1
         state["exp_avg_sq"].mul_(beta2).addcmul_(rotated_grad, rotated_grad, value=1 - beta2)
-        step = state["step"]
-        normalized = (rotated_avg / (1 - beta1**step)) / ((state["exp_avg_sq"] / (1 - beta2**step)).sqrt()
-                                                          + group["eps"])
-        update = basis @ normalized if left else normalized @ basis.T
-        parameter.add_(update.to(parameter.dtype), alpha=-group["lr"])
+        normalized = view.block(_normalized(rotated_avg, state["exp_avg_sq"], state["step"], group))
+        whole = view.gather_chunks(side, normalized, dim=side)
+        update = basis @ whole if left else whole @ basis.T
+        parameter.add_(view.local(update).to(parameter.dtype), alpha=-group["lr"])

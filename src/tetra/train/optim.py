@@ -53,9 +53,9 @@ def _tied_embedding(model: nn.Module) -> torch.Tensor | None:
 
 def _block_matrix_groups(model: nn.Module, groups: list[dict]) -> list[dict]:
     """The decayed group split in two: the blocks' attention and MLP weights (projected by GaLore / rotated by
-    Conda) and the other matrices (the output head)."""
+    Conda; split or not) and the other matrices (the output head)."""
     block_matrices = {id(module.weight) for name, module in model.named_modules()
-                      if name.startswith("blocks.") and isinstance(module, nn.Linear)}
+                      if name.startswith("blocks.") and isinstance(module, LINEAR_TYPES)}
     decayed, *rest = groups
     projected = [p for p in decayed["params"] if id(p) in block_matrices]
     others = [p for p in decayed["params"] if id(p) not in block_matrices]
@@ -65,17 +65,17 @@ def _block_matrix_groups(model: nn.Module, groups: list[dict]) -> list[dict]:
 def build_optimizer(model: nn.Module, config: TrainConfig, grid: ProcessGrid | None = None,
                     zero1: bool = False) -> torch.optim.Optimizer | ZeroOptimizer:
     """AdamW, fused where torch has a fused kernel for the parameters' device; with zero1 on a grid with several
-    data ranks, its state is sharded over them. train.optimizer = galore | conda: those for the blocks' matrices
-    (one process or DDP; grid here is the tensor-splitting grid, which they refuse)."""
+    data ranks, its state is sharded over them. train.optimizer = galore | conda: those for the blocks' matrices,
+    on one process, with DDP or on the tensor-splitting grid (grid given: state split like the weights)."""
     groups = parameter_groups(model, config.weight_decay)
     if config.optimizer != "adamw":
-        if grid is not None:
-            raise ConfigError(f"train.optimizer = {config.optimizer!r} needs whole weight matrices (their singular "
-                              "vectors); the 4D grid's row, col and depth dimensions split them. Train on one "
-                              "process or with parallel.strategy = \"ddp\".")
+        if zero1:
+            raise ConfigError(f"train.optimizer = {config.optimizer!r} does not run with parallel.zero1: ZeRO-1's "
+                              "flat slices cut the matrices its state is shaped by. Drop parallel.zero1 (the "
+                              "grid's depth dimension shards this state like the weights).")
         groups = _block_matrix_groups(model, groups)
         common = dict(lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
-                      update_interval=config.projection_interval)
+                      update_interval=config.projection_interval, grid=grid)
         if config.optimizer == "galore":
             return GaLore(groups, rank=config.galore_rank, scale=config.galore_scale, **common)
         return Conda(groups, **common)

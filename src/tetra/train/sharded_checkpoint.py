@@ -61,12 +61,32 @@ def _sharded(local: torch.Tensor, layout: Layout, grid: ProcessGrid,
     return sharded
 
 
+def state_layout(optimizer: object | None, parameter: torch.Tensor, key: str) -> Layout | None:
+    """The layout of one optimizer state tensor: its own for state not shaped like the parameter (GaLore's
+    projected moments and projector, Conda's basis), else the parameter's (None off the grid)."""
+    layouts = getattr(optimizer, "state_layouts", None)
+    own = {} if layouts is None else layouts(parameter)
+    return own.get(key, getattr(parameter, "tetra_layout", None))
+
+
+def _local_shape(layout: Layout, grid: ProcessGrid) -> tuple[int, ...]:
+    """The shape a rank stores for a layout: its block (as stored), or its flat depth shard."""
+    block = layout.stored_block_shape(grid)
+    if not layout.depth:
+        return block
+    numel = 1
+    for size in block:
+        numel *= size
+    return (-(-numel // grid.size("depth")),)
+
+
 def _entries(model: Transformer, optimizer: torch.optim.Optimizer):
-    """(checkpoint name, tensor, its parameter) for weights and optimizer state."""
+    """(checkpoint name, tensor or number, its layout; None for a scalar) for weights and optimizer state."""
     for name, parameter in model.named_parameters():
-        yield f"model/{name}", parameter, parameter
+        yield f"model/{name}", parameter, parameter.tetra_layout
         for key, value in optimizer_state_of(optimizer, parameter).items():
-            yield f"optim/{name}/{key}", value, parameter
+            scalar = not torch.is_tensor(value) or value.dim() == 0  # a step count
+            yield f"optim/{name}/{key}", value, None if scalar else state_layout(optimizer, parameter, key)
 
 
 def shard_state(model: Transformer, optimizer: torch.optim.Optimizer, grid: ProcessGrid,
@@ -75,12 +95,12 @@ def shard_state(model: Transformer, optimizer: torch.optim.Optimizer, grid: Proc
     torch.distributed.checkpoint.save, which writes replicated pieces once. Depth shards are written as they are:
     nothing is gathered. copy: a snapshot that later steps cannot change (for a background write)."""
     state, everywhere = {}, {}
-    for key, value, parameter in _entries(model, optimizer):
-        if value.shape != parameter.shape:  # a scalar like AdamW's step
-            state[key] = value.detach().clone()
+    for key, value, layout in _entries(model, optimizer):
+        if layout is None:  # a scalar like AdamW's step
+            state[key] = torch.as_tensor(value).detach().clone()
         else:
             local = value.detach()
-            state[key] = _sharded(local.clone() if copy else local, parameter.tetra_layout, grid, everywhere)
+            state[key] = _sharded(local.clone() if copy else local, layout, grid, everywhere)
     return state
 
 
@@ -102,10 +122,14 @@ def load_shards(folder: Path, model: Transformer, optimizer: torch.optim.Optimiz
         if len(item.size) == 0:
             targets[key] = torch.zeros((), dtype=item.properties.dtype)
             continue
-        local = parameter.data if key.startswith("model/") else \
-            torch.zeros(parameter.shape, dtype=item.properties.dtype, device=parameter.device)
+        layout = parameter.tetra_layout
+        if key.startswith("model/"):
+            local = parameter.data
+        else:
+            layout = state_layout(optimizer, parameter, key.rsplit("/", 1)[1])
+            local = torch.zeros(_local_shape(layout, grid), dtype=item.properties.dtype, device=parameter.device)
         states[key] = local
-        targets[key] = _sharded(local, parameter.tetra_layout, grid, everywhere)
+        targets[key] = _sharded(local, layout, grid, everywhere)
     dcp.load(targets, checkpoint_id=str(folder / SHARDS))
     for key, value in targets.items():
         if key.startswith("optim/"):
