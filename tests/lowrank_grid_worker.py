@@ -96,7 +96,14 @@ def _check_equal(model_name: str, shape: dict, gemm_layout: str, optimizer_name:
                    for key, ref in ref_state.items() if key.endswith(("/projector", "/basis"))]
     moments = {key: value.abs() for key, value in state.items() if key.endswith("exp_avg_sq")}
     ref_moments = {key: ref_state[key].abs() for key in moments}
-    return {"case": f"{optimizer_name} {model_name} {shape} {gemm_layout}",
+    # What each rank stores of the projected matrices' moments, against one process's moments and the weights.
+    matrices = [(p, r) for p, r in zip(parallel.parameters(), reference.parameters(), strict=True)
+                if "projector" in optimizer.state[p] or "basis" in optimizer.state[p]]
+    moment_share = sum(optimizer.state[p]["exp_avg_sq"].numel() for p, _ in matrices) / sum(
+        ref_optimizer.state[r]["exp_avg_sq"].numel() for _, r in matrices)
+    weight_share = sum(p.numel() for p, _ in matrices) / sum(r.numel() for _, r in matrices)
+    return {"case": f"{optimizer_name} {model_name} {shape} {gemm_layout}", "depth": grid.size("depth"),
+            "moment_share": moment_share, "weight_share": weight_share,
             "param_error": _max_error(full_state_dict(parallel, grid), ref_params),
             "state_keys_match": sorted(state) == sorted(ref_state),
             "span_error": max(span_errors), "moment_error": _max_error(moments, ref_moments),

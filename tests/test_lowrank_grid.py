@@ -17,6 +17,11 @@ def _assert_equal(results: list[dict]) -> None:
         assert result["state_keys_match"] and result["projected"] > 0, result
         for key in ("param_error", "span_error", "moment_error"):
             assert result[key] <= TOLERANCE, f"{result['case']}: {key} = {result[key]:.2e}"
+        # State split like the weights: Conda's moments are the weights' shape; GaLore's are sharded over depth.
+        if result["case"].startswith("conda"):
+            assert result["moment_share"] == result["weight_share"], result
+        else:
+            assert result["moment_share"] <= 1 / result["depth"] + 0.02, result
 
 
 @pytest.mark.parametrize("optimizer", ["galore", "conda"])
