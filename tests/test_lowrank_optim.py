@@ -96,22 +96,25 @@ def test_training_resumes_bit_exactly_with_accumulation_and_clipping(tmp_path, o
 
 
 def test_settings_they_cannot_run_with_are_named(tmp_path, capsys):
-    from tetra.parallel.grid import GridShape
-
-    with pytest.raises(ConfigError, match="whole weight matrices"):
-        build_optimizer(_model(), TrainConfig(optimizer="galore"), grid=GridShape(row=2))
+    with pytest.raises(ConfigError, match="Drop parallel.zero1"):
+        build_optimizer(_model(), TrainConfig(optimizer="galore"), zero1=True)
     config = tmp_path / "run.toml"
     config.write_text('[data]\npath = "x"\n')
     assert main(["train", str(config), "--no-progress", "train.optimizer=adafactor"]) == 2
     assert "train.optimizer = 'adafactor'" in capsys.readouterr().err
     assert main(["train", str(config), "--no-progress", "train.optimizer=conda", "parallel.zero1=true"]) == 2
-    assert "no zero1" in capsys.readouterr().err
+    assert "drop parallel.zero1" in capsys.readouterr().err
+    assert main(["train", str(config), "--no-progress", "train.optimizer=galore", "parallel.strategy=fsdp2"]) == 2
+    assert "parallel.strategy = \"4d\"" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("optimizer", ["galore", "conda"])
-def test_data_parallel_training_equals_one_process(tmp_path, optimizer):
-    """Under torch DDP (2 gloo ranks, 2 sequences each) the projected optimizers see the averaged gradient, so the
-    losses equal one process with the whole batch of 4."""
+@pytest.mark.parametrize("optimizer, split", [
+    ("galore", ["parallel.strategy=ddp"]), ("conda", ["parallel.strategy=ddp"]), ("galore", ["parallel.depth=2"]),
+    ("conda", ["parallel.col=2", "train.batch_size=4"])])  # columns split the weights, not the batch
+def test_two_process_training_equals_one_process(tmp_path, optimizer, split):
+    """Under torch DDP (2 gloo ranks, 2 sequences each) the projected optimizers see the averaged gradient; on the
+    4D grid (weights sharded over depth, or split over columns) each rank updates its piece of every matrix. Either
+    way the losses equal one process with the whole batch of 4."""
     import subprocess
     import sys
 
@@ -120,7 +123,7 @@ def test_data_parallel_training_equals_one_process(tmp_path, optimizer):
     config = _arithmetic_run(tmp_path, optimizer, max_steps=5, checkpoint_every=0, grad_clip=1.0)
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                           str(free_port()), "-m", "tetra", "train", str(config), "--no-progress",
-                          f"run.dir={tmp_path / 'ddp'}", "parallel.strategy=ddp"],
+                          f"run.dir={tmp_path / 'ddp'}", *split],
                          capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert main(["train", str(config), "--no-progress", f"run.dir={tmp_path / 'one'}", "train.batch_size=4"]) == 0
@@ -129,3 +132,29 @@ def test_data_parallel_training_equals_one_process(tmp_path, optimizer):
         return [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
 
     assert losses("ddp") == pytest.approx(losses("one"), rel=1e-4) and len(losses("one")) == 5
+
+
+def test_a_grid_checkpoint_resumes_on_one_process(tmp_path):
+    """GaLore on depth 2 (moments and projector saved as rectangles of their whole shapes), stopped after step 3 and
+    resumed by one process with the same global batch: the remaining losses agree within reduction-order noise."""
+    import subprocess
+    import sys
+
+    from tetra.parallel.launch import free_port
+
+    config = _arithmetic_run(tmp_path, "galore", max_steps=6, checkpoint_every=3)
+    grid = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(free_port()), "-m", "tetra", "train", str(config), "--no-progress",
+                           f"run.dir={tmp_path / 'grid'}", "parallel.depth=2"],
+                          capture_output=True, text=True, timeout=300)
+    assert grid.returncode == 0, grid.stderr[-3000:]
+    shutil.copytree(tmp_path / "grid", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-0000006")
+    assert (tmp_path / "cut" / "checkpoints" / "step-0000003" / "shards").is_dir()
+    assert main(["train", str(config), "--no-progress", f"run.dir={tmp_path / 'cut'}", "train.batch_size=4",
+                 "--resume", "auto"]) == 0
+
+    def losses(run: str) -> list[float]:
+        return [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    assert len(losses("cut")) == 6 and losses("cut") == pytest.approx(losses("grid"), rel=1e-5)

@@ -5,7 +5,9 @@ that turn block products into the products of the whole matrix.
 For W [m, n] split over rows into m_i and over columns into n_j (either group on either side, or none), with the
 block sharded over depth: P^T W for P [m, r] is the sum over the side-0 group of P_i^T W_ij, W P for P [n, r] the
 sum over the side-1 group of W_ij P_j, and the products back (P N, N P^T) are local once N's piece is known.
-On one process (grid None) every collective is the identity, so the optimizers run one code path everywhere.
+This class cuts and reassembles the pieces; the optimizer runs the collectives between them for all matrices at
+once (parallel/batched_collectives.py). On one process (grid None) every piece is the whole, so the optimizers run
+one code path everywhere.
 
 Entry point: SplitMatrix.of(parameter, grid) (grid None: the whole matrix on one process).
 """
@@ -15,9 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tetra.parallel.collectives import Group, _size, all_gather_flat, all_reduce, reduce_scatter_flat
+from tetra.parallel.collectives import Group
 from tetra.parallel.grid import ProcessGrid
-from tetra.parallel.layout import Layout, gather_block, unshard
+from tetra.parallel.layout import Layout, unshard
 
 
 class SplitMatrix:
@@ -54,13 +56,27 @@ class SplitMatrix:
     def depth_group(self) -> Group:
         return self.grid.groups["depth"] if self.grid is not None and self.layout.depth else None
 
-    # -- pieces -------------------------------------------------------------------------------------------------
+    # -- pieces (no communication; the collectives between them are batched over many matrices by the caller) --
 
-    def block(self, local: torch.Tensor) -> torch.Tensor:
-        """This rank's [m_i, n_j] block of a weight-shaped tensor (collective over depth when sharded)."""
+    def block_from(self, gathered: torch.Tensor) -> torch.Tensor:
+        """The [m_i, n_j] block from a weight-shaped tensor gathered over depth (the local tensor itself when the
+        block is not depth-sharded)."""
         if self.grid is None:
-            return local
-        return gather_block(local, self.layout, self.grid)
+            return gathered
+        stored = self.layout.stored_block_shape(self.grid)
+        block = gathered[:stored[0] * stored[1]].view(stored) if self.layout.depth else gathered.view(stored)
+        return block.t() if self.layout.transposed else block
+
+    def partial_block(self, local: torch.Tensor) -> torch.Tensor:
+        """The [m_i, n_j] block holding only this depth rank's values (zeros elsewhere): the depth group's partial
+        blocks sum to the block, so a product linear in it can be summed over depth after the GEMM, on the small
+        result, instead of gathering the block before it."""
+        if self.grid is None or not self.layout.depth:
+            return self.block_from(local)
+        flat = local.new_zeros(local.numel() * self.grid.size("depth"))
+        start = self.grid.index("depth") * local.numel()
+        flat[start:start + local.numel()] = local
+        return self.block_from(flat)
 
     def local(self, block: torch.Tensor) -> torch.Tensor:
         """The rank's stored piece of a [m_i, n_j] block (its GEMM orientation and depth shard): the parameter's
@@ -71,15 +87,15 @@ class SplitMatrix:
         return self.depth_piece(stored)
 
     def full(self, local: torch.Tensor) -> torch.Tensor:
-        """The whole [m, n] matrix on every rank (collective over the replica)."""
+        """The whole [m, n] matrix on every rank (collective over the replica: for the rare refresh)."""
         return local if self.grid is None else unshard(local, self.layout, self.grid)
 
-    def chunk(self, tensor: torch.Tensor, side: int, dim: int = 0) -> torch.Tensor:
-        """This rank's chunk, along `dim`, of a tensor whose `dim` runs over the matrix's side `side`."""
+    def chunk(self, tensor: torch.Tensor, side: int) -> torch.Tensor:
+        """This rank's rows of a tensor whose rows run over the matrix's side `side`."""
         name = self.group_name(side)
         if name is None:
             return tensor
-        return tensor.chunk(self.grid.size(name), dim=dim)[self.grid.index(name)].contiguous()
+        return tensor.chunk(self.grid.size(name))[self.grid.index(name)].contiguous()
 
     def depth_piece(self, tensor: torch.Tensor) -> torch.Tensor:
         """This depth rank's flat, zero-padded share of a tensor every depth rank holds whole (flat even over a
@@ -90,15 +106,23 @@ class SplitMatrix:
         padded = F.pad(flat, (0, (-flat.numel()) % parts))
         return padded.chunk(parts)[self.grid.index("depth")].clone()
 
-    def depth_whole(self, piece: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        """Undo depth_piece: the whole tensor of `shape` on every depth rank."""
-        group = self.depth_group()
-        if group is None:
-            return piece.view(shape)
+    @staticmethod
+    def whole_from(gathered: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """Undo depth_piece on the depth-gathered pieces: the first numel values, in `shape`."""
         numel = 1
         for size in shape:
             numel *= size
-        return all_gather_flat(piece.contiguous(), group)[:numel].view(shape)
+        return gathered[:numel].view(shape)
+
+    @staticmethod
+    def side_major(tensor: torch.Tensor, side: int) -> torch.Tensor:
+        """A 2-D tensor flattened with `side` outermost, so that equal flat slices are chunks along that side."""
+        return tensor.movedim(side, 0).contiguous().reshape(-1)
+
+    @staticmethod
+    def from_side_major(flat: torch.Tensor, shape: tuple[int, int], side: int) -> torch.Tensor:
+        """Undo side_major for a tensor of `shape`."""
+        return flat.view(shape[side], shape[1 - side]).movedim(0, side)
 
     def state_layout(self, full_shape: tuple[int, int], splits: dict[int, int], depth: bool) -> Layout:
         """The Layout of a state tensor of `full_shape` whose dimension d is split like the matrix's side
@@ -111,27 +135,3 @@ class SplitMatrix:
             elif name == "col":
                 col_dim = dim
         return Layout(tuple(full_shape), row_dim=row_dim, col_dim=col_dim, depth=depth and self.layout.depth)
-
-    # -- sums over a side's group -------------------------------------------------------------------------------
-
-    def sum_over(self, side: int, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum partial products over the group splitting `side` (in place; the identity when unsplit)."""
-        return all_reduce(tensor, self.group(side))
-
-    def sum_and_chunk(self, side: int, tensor: torch.Tensor, dim: int) -> torch.Tensor:
-        """Sum over the group splitting `side` and keep this rank's chunk along `dim` (a reduce-scatter)."""
-        group = self.group(side)
-        if _size(group) == 1:
-            return tensor
-        moved = tensor.movedim(dim, 0).contiguous()
-        piece = reduce_scatter_flat(moved.reshape(-1), group)
-        return piece.view(moved.shape[0] // _size(group), *moved.shape[1:]).movedim(0, dim)
-
-    def gather_chunks(self, side: int, tensor: torch.Tensor, dim: int) -> torch.Tensor:
-        """Concatenate every rank's chunk along `dim` over the group splitting `side`."""
-        group = self.group(side)
-        if _size(group) == 1:
-            return tensor
-        moved = tensor.movedim(dim, 0).contiguous()
-        whole = all_gather_flat(moved.reshape(-1), group)
-        return whole.view(moved.shape[0] * _size(group), *moved.shape[1:]).movedim(0, dim)

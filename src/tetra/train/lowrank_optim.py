@@ -27,8 +27,11 @@ Entry points: GaLore(param_groups, ..., grid=None), Conda(param_groups, ..., gri
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
+from tetra.parallel.batched_collectives import all_gather_each, all_reduce_each, reduce_scatter_each
 from tetra.parallel.grid import ProcessGrid
 from tetra.parallel.layout import Layout
 from tetra.parallel.split_matrix import SplitMatrix
@@ -51,6 +54,16 @@ def _adam(parameter: torch.Tensor, grad: torch.Tensor, state: dict, group: dict)
 def _left_side(shape: tuple[int, int]) -> bool:
     """Project (or rotate) the rows when there are fewer of them than columns."""
     return shape[0] < shape[1]
+
+
+class _Matrix(NamedTuple):
+    """One projected matrix in a step: how it is split, the parameter, its fp32 gradient, its state, its group."""
+
+    view: SplitMatrix
+    parameter: torch.Tensor
+    grad: torch.Tensor
+    state: dict
+    group: dict
 
 
 class _SingularOptimizer(torch.optim.Optimizer):
@@ -92,6 +105,7 @@ class _SingularOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = None if closure is None else closure()
+        matrices = []
         for group in self.param_groups:
             for parameter in group["params"]:
                 if parameter.grad is None:
@@ -103,12 +117,14 @@ class _SingularOptimizer(torch.optim.Optimizer):
                 if "step" in state:  # a checkpoint hands it back as a tensor; the bias corrections want a number
                     state["step"] = int(state["step"])
                 if group.get("project") and self._is_matrix(parameter):
-                    self._matrix_step(self._view(parameter), parameter, grad, state, group)
+                    matrices.append(_Matrix(self._view(parameter), parameter, grad, state, group))
                 else:
                     _adam(parameter, grad, state, group)
+        if matrices:  # all at once: on the grid, one collective per group for every matrix's piece
+            self._matrix_steps(matrices)
         return loss
 
-    def _matrix_step(self, view: SplitMatrix, parameter, grad, state, group) -> None:
+    def _matrix_steps(self, matrices: list[_Matrix]) -> None:
         raise NotImplementedError
 
     def _matrix_state_layouts(self, view: SplitMatrix, group: dict) -> dict[str, Layout]:
@@ -125,7 +141,9 @@ class GaLore(_SingularOptimizer):
     """Adam in a rank-`rank` projection of each matrix's gradient, refreshed every update_interval steps.
 
     On the grid: the projector's rows follow the split of the projected side, the moments (of P^T G: [r, n], or
-    G P: [m, r]) are split like the other side and sharded over depth; the refresh's SVD takes the whole gradient."""
+    G P: [m, r]) are split like the other side and sharded over depth; the refresh's SVD takes the whole gradient.
+    Each depth rank projects only its own values (the projection is linear), so a step sums small [r, n_j] results
+    and gathers normalized moments, never a whole block."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, rank: int = 128, update_interval: int = 200, scale: float = 0.25,
@@ -143,28 +161,35 @@ class GaLore(_SingularOptimizer):
         return {"projector": view.state_layout((view.shape[side], rank), {0: side}, depth=False),
                 "exp_avg": moments, "exp_avg_sq": moments}
 
-    def _matrix_step(self, view: SplitMatrix, parameter, grad, state, group) -> None:
-        left = _left_side(view.shape)
-        side = 0 if left else 1
-        rank = min(group["rank"], *view.shape)
-        if "projector" not in state or state["step"] % group["update_interval"] == 0:
-            u, _, vh = torch.linalg.svd(view.full(grad), full_matrices=False)
-            state["projector"] = view.chunk(u[:, :rank] if left else vh[:rank].T, side)
-        projector = state["projector"]
-        block = view.block(grad)
-        reduced = view.sum_over(side, projector.T @ block if left else block @ projector)
-        piece = view.depth_piece(reduced)
-        if "exp_avg" not in state:
-            state["step"] = 0
-            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(piece), torch.zeros_like(piece)
-        beta1, beta2 = group["betas"]
-        state["step"] += 1
-        state["exp_avg"].lerp_(piece, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(piece, piece, value=1 - beta2)
-        normalized = view.depth_whole(_normalized(state["exp_avg"], state["exp_avg_sq"], state["step"], group),
-                                      tuple(reduced.shape))
-        update = projector @ normalized if left else normalized @ projector.T
-        parameter.add_(view.local(update).to(parameter.dtype), alpha=-group["lr"] * group["scale"])
+    def _matrix_steps(self, matrices: list[_Matrix]) -> None:
+        products = []
+        for view, _, grad, state, group in matrices:
+            left = _left_side(view.shape)
+            if "projector" not in state or state["step"] % group["update_interval"] == 0:
+                rank = min(group["rank"], *view.shape)
+                u, _, vh = torch.linalg.svd(view.full(grad), full_matrices=False)
+                state["projector"] = view.chunk(u[:, :rank] if left else vh[:rank].T, _side(view))
+            block, projector = view.partial_block(grad), state["projector"]
+            products.append(projector.T @ block if left else block @ projector)
+        all_reduce_each(products, [matrix.view.group(_side(matrix.view)) for matrix in matrices])
+        all_reduce_each(products, [matrix.view.depth_group() for matrix in matrices])
+        normalized = []
+        for (view, _, _, state, group), reduced in zip(matrices, products, strict=True):
+            piece = view.depth_piece(reduced)
+            if "exp_avg" not in state:
+                state["step"] = 0
+                state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(piece), torch.zeros_like(piece)
+            beta1, beta2 = group["betas"]
+            state["step"] += 1
+            state["exp_avg"].lerp_(piece, 1 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(piece, piece, value=1 - beta2)
+            normalized.append(_normalized(state["exp_avg"], state["exp_avg_sq"], state["step"], group))
+        gathered = all_gather_each(normalized, [matrix.view.depth_group() for matrix in matrices])
+        for (view, parameter, _, state, group), reduced, whole in zip(matrices, products, gathered, strict=True):
+            moments = SplitMatrix.whole_from(whole, tuple(reduced.shape))
+            projector = state["projector"]
+            update = projector @ moments if _left_side(view.shape) else moments @ projector.T
+            parameter.add_(view.local(update).to(parameter.dtype), alpha=-group["lr"] * group["scale"])
 
 
 class Conda(_SingularOptimizer):
@@ -179,34 +204,59 @@ class Conda(_SingularOptimizer):
         super().__init__(params, lr, betas, eps, weight_decay, update_interval, grid)
 
     def _matrix_state_layouts(self, view: SplitMatrix, group: dict) -> dict[str, Layout]:
-        side = 0 if _left_side(view.shape) else 1
+        side = _side(view)
         return {"basis": view.state_layout((view.shape[side],) * 2, {0: side}, depth=False)}
 
-    def _matrix_step(self, view: SplitMatrix, parameter, grad, state, group) -> None:
-        left = _left_side(view.shape)
-        side = 0 if left else 1
-        if "exp_avg" not in state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(grad)
-        beta1, beta2 = group["betas"]
-        state["exp_avg"].lerp_(grad, 1 - beta1)
-        if state["step"] % group["update_interval"] == 0:
-            u, _, vh = torch.linalg.svd(view.full(state["exp_avg"]), full_matrices=False)
-            state["basis"] = view.chunk(u if left else vh.T, side)
-        basis = state["basis"]
+    def _matrix_steps(self, matrices: list[_Matrix]) -> None:
+        for view, _, grad, state, group in matrices:
+            if "exp_avg" not in state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(grad)
+            state["exp_avg"].lerp_(grad, 1 - group["betas"][0])
+            if state["step"] % group["update_interval"] == 0:
+                u, _, vh = torch.linalg.svd(view.full(state["exp_avg"]), full_matrices=False)
+                state["basis"] = view.chunk(u if _left_side(view.shape) else vh.T, _side(view))
+        views = [matrix.view for matrix in matrices]
+        depth_groups = [view.depth_group() for view in views]
+        side_groups = [view.group(_side(view)) for view in views]
+        # U^T B (or B U) for the gradient and the first moment: blocks gathered over depth, products summed over the
+        # side's group, this rank keeping its chunk of the rotated side (the weight's shape again).
+        locals_ = [matrix.grad for matrix in matrices] + [matrix.state["exp_avg"] for matrix in matrices]
+        blocks = [view.block_from(gathered) for view, gathered in
+                  zip(views * 2, all_gather_each(locals_, depth_groups * 2), strict=True)]
+        rotated = [_rotate(view, matrix.state["basis"], block) for view, matrix, block in
+                   zip(views * 2, matrices * 2, blocks, strict=True)]
+        chunks = reduce_scatter_each(rotated, side_groups * 2)
+        rotated = [view.local(SplitMatrix.from_side_major(chunk, tuple(block.shape), _side(view)))
+                   for view, chunk, block in zip(views * 2, chunks, blocks, strict=True)]
+        normalized = []
+        for index, (_, _, _, state, group) in enumerate(matrices):
+            rotated_grad, rotated_avg = rotated[index], rotated[len(matrices) + index]
+            if "exp_avg_sq" not in state:
+                state["exp_avg_sq"] = torch.zeros_like(rotated_grad)
+            state["step"] += 1
+            state["exp_avg_sq"].mul_(group["betas"][1]).addcmul_(rotated_grad, rotated_grad,
+                                                                 value=1 - group["betas"][1])
+            normalized.append(_normalized(rotated_avg, state["exp_avg_sq"], state["step"], group))
+        # The update U N needs every chunk of N's rotated side: gathered over depth, then over the side's group.
+        n_blocks = [view.block_from(gathered) for view, gathered in
+                    zip(views, all_gather_each(normalized, depth_groups), strict=True)]
+        wholes = all_gather_each([SplitMatrix.side_major(block, _side(view)) for view, block in
+                                  zip(views, n_blocks, strict=True)], side_groups)
+        for (view, parameter, _, state, group), block, whole in zip(matrices, n_blocks, wholes, strict=True):
+            side, basis = _side(view), state["basis"]
+            shape = tuple(view.shape[side] if dim == side else block.shape[dim] for dim in (0, 1))
+            moments = SplitMatrix.from_side_major(whole, shape, side)
+            update = basis @ moments if side == 0 else moments @ basis.T
+            parameter.add_(view.local(update).to(parameter.dtype), alpha=-group["lr"])
 
-        def rotate(local: torch.Tensor) -> torch.Tensor:
-            # U^T B (or B U) summed over the side's group; this rank keeps its chunk of the rotated side
-            block = view.block(local)
-            rotated = basis.T @ block if left else block @ basis
-            return view.local(view.sum_and_chunk(side, rotated, dim=side))
 
-        rotated_grad, rotated_avg = rotate(grad), rotate(state["exp_avg"])
-        if "exp_avg_sq" not in state:
-            state["exp_avg_sq"] = torch.zeros_like(rotated_grad)
-        state["step"] += 1
-        state["exp_avg_sq"].mul_(beta2).addcmul_(rotated_grad, rotated_grad, value=1 - beta2)
-        normalized = view.block(_normalized(rotated_avg, state["exp_avg_sq"], state["step"], group))
-        whole = view.gather_chunks(side, normalized, dim=side)
-        update = basis @ whole if left else whole @ basis.T
-        parameter.add_(view.local(update).to(parameter.dtype), alpha=-group["lr"])
+def _side(view: SplitMatrix) -> int:
+    """The side projected (GaLore) or rotated (Conda): 0, the rows, when there are fewer of them."""
+    return 0 if _left_side(view.shape) else 1
+
+
+def _rotate(view: SplitMatrix, basis: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """This rank's part of U^T B (or B U), flattened side-major for the reduce-scatter over the side's group."""
+    side = _side(view)
+    return SplitMatrix.side_major(basis.T @ block if side == 0 else block @ basis, side)
