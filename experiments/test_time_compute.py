@@ -10,6 +10,8 @@ questions. Results go to experiments/out/test_time_compute/ and docs/reasoning.m
 skipped when the script runs again (delete the folder to start over).
 
 Run: python experiments/test_time_compute.py             (about 25 minutes on 2 CPU cores)
+     python experiments/test_time_compute.py --steps 6667 --no-equal-flops   (the recurrent model as long as
+                                                          the plain one that learned; about 50 minutes more)
      python experiments/test_time_compute.py --smoke     (a few steps; the test suite runs it)
 """
 
@@ -42,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-hops", type=int, default=4, help="the hardest questions in training")
     parser.add_argument("--samples", type=int, default=100, help="test questions per hop count")
     parser.add_argument("--exit-kl", type=float, default=5e-4)
+    parser.add_argument("--no-equal-flops", action="store_true",
+                        help="skip the plain model trained for the recurrent one's FLOPs (steps x ~2.7)")
     parser.add_argument("--out", default="experiments/out/test_time_compute")
     parser.add_argument("--smoke", action="store_true")
     return parser.parse_args(argv)
@@ -134,9 +138,13 @@ def main(argv: list[str] | None = None) -> int:
                                               str(examples), "--out", str(out / "data"), "--val-fraction", "0"]):
         raise SystemExit(f"could not write the {args.task} data")
     ratio = flop_ratio(args.mean_recurrence, args.backprop_depth)
-    checkpoints = {"recurrent": train(out, "recurrent", args.steps, True, args),
-                   "plain, equal parameters": train(out, "plain", args.steps, False, args),
-                   "plain, equal training FLOPs": train(out, "plain_flops", round(args.steps * ratio), False, args)}
+    # Runs are named by kind and steps, so a longer study reuses any run of the same length (the equal-FLOPs plain
+    # model of a 2,500-step study is the equal-parameters one of a 6,667-step study).
+    checkpoints = {"recurrent": train(out, f"recurrent_{args.steps}", args.steps, True, args),
+                   "plain, equal parameters": train(out, f"plain_{args.steps}", args.steps, False, args)}
+    if not args.no_equal_flops:
+        flops_steps = round(args.steps * ratio)
+        checkpoints["plain, equal training FLOPs"] = train(out, f"plain_{flops_steps}", flops_steps, False, args)
     if args.task == "reachability":  # up to two hop counts harder than in training
         hops = list(range(0, min(args.max_hops + 3, args.nodes)))
     else:  # up to twice the training's longest question
@@ -148,25 +156,27 @@ def main(argv: list[str] | None = None) -> int:
     adaptive, iterations = accuracy(checkpoints["recurrent"], hops, args.samples, 4 * args.mean_recurrence,
                                     args.exit_kl)
     table[f"adaptive exit (KL < {args.exit_kl:g}, r <= {4 * args.mean_recurrence})"] = adaptive
-    for name in ("plain, equal parameters", "plain, equal training FLOPs"):
+    baseline_names = [name for name in checkpoints if name.startswith("plain")]
+    for name in baseline_names:
         table[name], _ = accuracy(checkpoints[name], hops, args.samples)
     lines = ["| model | " + " | ".join(f"{h} hops" if h else "unreachable" for h in hops) + " | mean |",
              "| --- |" + " ---: |" * (len(hops) + 1)]
     for name, by_hops in table.items():
         mean = sum(by_hops.values()) / len(by_hops)
         lines.append(f"| {name} | " + " | ".join(f"{100 * by_hops[h]:.0f}%" for h in hops) + f" | {100 * mean:.1f}% |")
+    flops_note = "" if args.no_equal_flops else \
+        f", the plain equal-FLOPs one {round(args.steps * ratio)} ({ratio:.2f}x)"
     text = "\n".join(lines) + f"\n\nadaptive exit ran {iterations:.2f} core iterations per forward call on average " \
-        f"(fixed: {4 * args.mean_recurrence}); plain equal-FLOPs model trained {round(args.steps * ratio)} steps " \
-        f"({ratio:.2f}x)\n"
+        f"(fixed: {4 * args.mean_recurrence}); all models trained {args.steps} steps{flops_note}\n"
     print(text)
-    (out / "table.md").write_text(text, encoding="utf-8")
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "accuracy": table,
-                                                  "adaptive_iterations": iterations, "flop_ratio": ratio}, indent=1))
+    (out / f"table_{args.steps}.md").write_text(text, encoding="utf-8")
+    (out / f"results_{args.steps}.json").write_text(json.dumps({"args": vars(args), "accuracy": table,
+                                                               "adaptive_iterations": iterations,
+                                                               "flop_ratio": ratio}, indent=1))
     hardest = [h for h in hops if h > 0]
     curve = {r: sum(table[f"r = {r}"][h] for h in hardest) / len(hardest) for r in recurrences}
-    baselines = {name: sum(table[name][h] for h in hardest) / len(hardest)
-                 for name in ("plain, equal parameters", "plain, equal training FLOPs")}
-    plot({"mean over hop counts": curve}, baselines, args.mean_recurrence, out / "test_time_compute.png")
+    baselines = {name: sum(table[name][h] for h in hardest) / len(hardest) for name in baseline_names}
+    plot({"mean over hop counts": curve}, baselines, args.mean_recurrence, out / f"test_time_compute_{args.steps}.png")
     return 0
 
 

@@ -34,6 +34,27 @@ def test_every_grid_is_valid_and_each_dimension_only_costs_when_used():
     assert tensor.collectives["data"] == 0 and tensor.collectives["col"] > 0 and tensor.collectives["row"] > 0
 
 
+def test_elementwise_work_and_fixed_costs_are_counted_per_rank():
+    machine = dataclasses.replace(MachineProfile.load("dgx-h100"), layer_overhead=1e-3, step_overhead=5e-3)
+    config = preset_config("llama-1b")
+    data = predict(config, GridShape(data=8), 64, 2048, machine)
+    # 8 micro-steps of one sequence per rank, each running every layer once, plus the step's own fixed cost
+    assert data.overhead == pytest.approx(8 * config.n_layers * 1e-3 + 5e-3)
+    # Depth 8 streams the same activations per rank but updates an eighth of the parameters; so does ZeRO-1.
+    depth = predict(config, GridShape(depth=8), 64, 2048, machine)
+    zero1 = predict(config, GridShape(data=8), 64, 2048, machine, zero1=True)
+    optimizer = 36 * config.num_parameters() * (1 - 1 / 8) / machine.memory_bandwidth
+    assert data.elementwise - depth.elementwise == pytest.approx(optimizer)
+    assert data.elementwise - zero1.elementwise == pytest.approx(optimizer)
+    # Splitting the hidden state and the MLP over columns and rows splits their elementwise work too.
+    tensor = predict(config, GridShape(row=2, col=4), 64, 2048, machine)
+    assert tensor.elementwise < predict(config, GridShape(), 64, 2048, machine).elementwise / 2
+    assert data.step_time == pytest.approx(data.compute + data.elementwise + data.overhead
+                                           + sum(data.exposed(k) for k in data.collectives))
+    unknown = dataclasses.replace(machine, memory_bandwidth=0.0)
+    assert predict(config, GridShape(data=8), 64, 2048, unknown).elementwise == 0.0
+
+
 def test_groups_that_leave_the_node_use_the_slower_links():
     # Without the fixed per-call cost, a group's time is its bytes over its links' bandwidth.
     machine = dataclasses.replace(MachineProfile.load("perlmutter"), collective_latency=0.0)  # 4 devices per node
@@ -81,7 +102,8 @@ def test_overlap_hides_only_the_background_collectives_up_to_their_compute_windo
     overlapped = predict(LLAMA_8B, shape, 512, 4096, machine)
     blocking = predict(LLAMA_8B, shape, 512, 4096, machine, overlap=False)
     assert overlapped.collectives == blocking.collectives and overlapped.compute == blocking.compute
-    assert blocking.step_time == pytest.approx(blocking.compute + sum(blocking.collectives.values()))
+    assert blocking.step_time == pytest.approx(blocking.compute + blocking.elementwise + blocking.overhead
+                                               + sum(blocking.collectives.values()))
     assert overlapped.step_time < blocking.step_time
     for name in ("col", "row", "depth", "data"):
         hidden = overlapped.collectives[name] - overlapped.exposed(name)
@@ -119,6 +141,7 @@ def test_calibrate_writes_a_profile_that_plan_reads(tmp_path, capsys):
     machine = MachineProfile.load(str(profile))
     assert machine.devices_per_node == 2 and machine.gemm_flops > 1e9 and machine.intra_node_bandwidth > 1e6
     assert 0.0 <= machine.overlap_efficiency <= 1.0 and "overlap_efficiency" in profile.read_text()
+    assert machine.memory_bandwidth > 1e8 and machine.layer_overhead > 0 and machine.step_overhead > 0
     capsys.readouterr()
     assert main(["plan", "--model", "tiny", "--devices", "2", "--machine", str(profile), "--global-batch", "4",
                  "--seq", "64", "--json"]) == 0

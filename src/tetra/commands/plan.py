@@ -64,7 +64,8 @@ def _model(name: str) -> ModelConfig:
 
 def _row(p: Prediction) -> dict:
     gigabytes = {key: round(value / 1e9, 3) for key, value in p.memory.items()}
-    return {"grid": vars(p.shape), "step_s": p.step_time, "compute_s": p.compute,
+    return {"grid": vars(p.shape), "step_s": p.step_time, "compute_s": p.compute, "elementwise_s": p.elementwise,
+            "overhead_s": p.overhead,
             "collectives_s": dict(p.collectives), "exposed_collectives_s": {k: p.exposed(k) for k in p.collectives},
             "memory_gb": gigabytes, "fits": p.fits}
 
@@ -87,14 +88,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     overlap = "blocking collectives" if args.no_overlap else "overlapped collectives"
     print(f"{len(predictions)} valid grids on {args.devices} x {machine.name}; best first ({overlap})")
-    print("times in milliseconds per optimizer step; collectives by the group they run on, the part the step waits "
-          "for (not hidden behind computation)")
-    print(f"{'data':>4} {'depth':>5} {'row':>3} {'col':>3} {'step':>10} {'compute':>10} {'col':>9} {'row':>9} "
-          f"{'depth':>9} {'data':>9} {'GB/dev':>7}  fits")
+    print("times in milliseconds per optimizer step: GEMMs and attention (compute), elementwise work and fixed costs "
+          "(other), collectives by the group they run on, the part the step waits for (not hidden behind "
+          "computation)")
+    print(f"{'data':>4} {'depth':>5} {'row':>3} {'col':>3} {'step':>10} {'compute':>10} {'other':>9} {'col':>9} "
+          f"{'row':>9} {'depth':>9} {'data':>9} {'GB/dev':>7}  fits")
     for p in predictions[: args.top]:
         s, c = p.shape, {key: 1000 * p.exposed(key) for key in p.collectives}
         print(f"{s.data:>4} {s.depth:>5} {s.row:>3} {s.col:>3} {1000 * p.step_time:>10.2f} {1000 * p.compute:>10.2f} "
-              f"{c['col']:>9.2f} {c['row']:>9.2f} {c['depth']:>9.2f} {c['data']:>9.2f} "
+              f"{1000 * (p.elementwise + p.overhead):>9.2f} {c['col']:>9.2f} {c['row']:>9.2f} {c['depth']:>9.2f} "
+              f"{c['data']:>9.2f} "
               f"{sum(p.memory.values()) / 1e9:>7.2f}  {'yes' if p.fits else 'no'}")
     return 0
 

@@ -1,5 +1,7 @@
 """Measuring a machine into a profile the planner reads: GEMM throughput by shape and dtype, collective bandwidth
-and latency by group size across local processes, and how much of a collective really hides behind a GEMM.
+and latency by group size across local processes, how much of a collective really hides behind a GEMM, and the
+costs a step pays beside its GEMMs: memory bandwidth for elementwise work, and the fixed time of running a layer
+and a step at all (Python, dispatch, kernel launches), measured in every process at once as training runs them.
 
 Entry point: calibrate(processes, device) -> dict (a machine profile plus the raw measurements).
 """
@@ -14,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from tetra.devices import measured_gemm_flops, synchronize, timing_input
+from tetra.model import ModelConfig, Transformer
 from tetra.parallel.launch import end_process_group, spawn_collect
 
 GEMM_SIZES = (512, 1024, 2048)
@@ -66,6 +69,7 @@ def _collective_worker(rank: int, world: int, port: int, backend: str, out: str)
         dist.barrier()
         size *= 2
     rows.append({"group": world, "overlap_efficiency": _overlap_efficiency(device)})
+    rows.append({"group": world, **_step_costs(device)})
     if rank == 0:
         with open(out, "w") as handle:
             json.dump(rows, handle)
@@ -108,9 +112,62 @@ def _overlap_efficiency(device: torch.device) -> float:
     return float(mean) / dist.get_world_size()
 
 
+def _memory_bandwidth(device: torch.device) -> float:
+    """Bytes/s of an elementwise kernel streaming tensors far larger than any cache (c = a + b: three passes)."""
+    a, b = (torch.ones(1 << 23, device=device) for _ in range(2))
+    c = torch.empty_like(a)
+    seconds = _timed(_synchronized(lambda: torch.add(a, b, out=c), device), dist.group.WORLD, repeats=10)
+    return 3 * a.numel() * a.element_size() / seconds
+
+
+def _tiny_step_seconds(layers: int, device: torch.device) -> float:
+    """One training step of a model too small for its arithmetic to matter: what is left is the fixed cost of
+    running its layers, loss and optimizer (best of several rounds)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=32, hidden_size=16, n_layers=layers, n_heads=2,
+                                    max_position_embeddings=8)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type in ("cpu", "cuda"))
+    tokens = torch.randint(0, 32, (1, 5), device=device)
+
+    def step() -> None:
+        logits = model(tokens[:, :-1])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return min(_timed(_synchronized(step, device), dist.group.WORLD, repeats=10) for _ in range(3))
+
+
+def _step_costs(device: torch.device) -> dict[str, float]:
+    """Memory bandwidth and the fixed costs per layer and per step, each the mean over every process measuring at
+    the same time (processes that share cores slow each other, as in training)."""
+    one, three = _tiny_step_seconds(1, device), _tiny_step_seconds(3, device)
+    layer = max((three - one) / 2, 0.0)
+    values = torch.tensor([_memory_bandwidth(device), layer, max(one - layer, 0.0)], dtype=torch.float64)
+    dist.all_reduce(values)
+    bandwidth, layer, step = (values / dist.get_world_size()).tolist()
+    return {"memory_bandwidth": bandwidth, "layer_overhead": layer, "step_overhead": step}
+
+
 def measure_collectives(processes: int, backend: str) -> list[dict]:
     """Bus bandwidth (bytes/s per rank, ring-normalized) of all-reduce and all-gather for groups of 2, 4, ..."""
     return spawn_collect(_collective_worker, processes, backend)
+
+
+def _costs_worker(rank: int, world: int, port: int, device_type: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    costs = _step_costs(torch.device(device_type))
+    if rank == 0:
+        with open(out, "w") as handle:
+            json.dump(costs, handle)
+    end_process_group()
+
+
+def _single_process_costs(device: torch.device) -> dict[str, float]:
+    """_step_costs in one spawned process (its timings synchronize through a group of one)."""
+    return spawn_collect(_costs_worker, 1, device.type)
 
 
 def calibrate(processes: int, device: torch.device, name: str = "local") -> dict:
@@ -124,6 +181,9 @@ def calibrate(processes: int, device: torch.device, name: str = "local") -> dict
                     default=0.0)
     latency = min((row["latency_s"] for row in largest if "latency_s" in row), default=20e-6)
     efficiency = next((row["overlap_efficiency"] for row in collectives if "overlap_efficiency" in row), 1.0)
+    costs = next((row for row in collectives if "layer_overhead" in row), None)
+    if costs is None:  # one process: no worker group was started; measure here
+        costs = _single_process_costs(device)
     if device.type == "cuda":
         memory_gb = torch.cuda.get_device_properties(device).total_memory / 1e9
     else:
@@ -131,5 +191,6 @@ def calibrate(processes: int, device: torch.device, name: str = "local") -> dict
     profile = {"name": name, "devices_per_node": processes, "memory_gb": round(memory_gb, 1),
                "peak_flops": best_gemm, "gemm_flops": best_gemm, "intra_node_bandwidth": bandwidth,
                "inter_node_bandwidth": bandwidth, "collective_latency": latency,
-               "overlap_efficiency": round(efficiency, 3)}
+               "overlap_efficiency": round(efficiency, 3), "memory_bandwidth": costs["memory_bandwidth"],
+               "layer_overhead": costs["layer_overhead"], "step_overhead": costs["step_overhead"]}
     return {"profile": profile, "gemm": gemms, "collectives": collectives}

@@ -43,6 +43,15 @@ class MachineProfile:
     # streams and links, so shipped profiles keep 1.0; processes that share CPU cores with gloo's threads hide far
     # less. `tetra calibrate` measures it (an all-reduce beside a GEMM of the same length).
     overlap_efficiency: float = 1.0
+    # Beside the GEMMs a step streams activations through elementwise kernels (norms, residual adds, rotary,
+    # activation functions, the loss's softmax) and the optimizer through its state: bytes/s of one device's memory
+    # (0: not modelled). Shipped GPU profiles give the HBM datasheet figure; `tetra calibrate` measures it.
+    memory_bandwidth: float = 0.0
+    # Fixed seconds of running one layer's forward and backward once, and of a step's embedding, loss and optimizer
+    # beyond their arithmetic (Python, dispatch, kernel launches). On GPUs they overlap the device's work and the
+    # shipped profiles keep 0; on CPUs they are paid in full and `tetra calibrate` measures them.
+    layer_overhead: float = 0.0
+    step_overhead: float = 0.0
 
     @classmethod
     def load(cls, name_or_path: str) -> MachineProfile:
@@ -127,6 +136,8 @@ class Prediction:
     regather: bool = False  # depth blocks gathered again in backward (parallel.regather) rather than kept
     recompute: str = "none"  # activations recomputed in backward: none | block | attention | mlp
     frozen: bool = False  # LoRA fine-tuning: the base is frozen (bf16, no gradients, no optimizer state)
+    elementwise: float = 0.0  # memory-bound work: activations through non-GEMM kernels, the optimizer's state
+    overhead: float = 0.0  # fixed costs of running layers and the step (MachineProfile.layer_overhead, step_overhead)
 
     def exposed(self, dimension: str) -> float:
         """Seconds of this group's collectives that the step waits for."""
@@ -138,7 +149,7 @@ class Prediction:
 
     @property
     def step_time(self) -> float:
-        return self.compute + sum(self.exposed(name) for name in self.collectives)
+        return self.compute + self.elementwise + self.overhead + sum(self.exposed(name) for name in self.collectives)
 
 
 def _add_calls(prediction: Prediction, dimension: str, calls: float, machine: MachineProfile) -> None:
@@ -227,6 +238,8 @@ def predict(config: ModelConfig, shape: GridShape, global_batch: int, seq_len: i
     prediction.compute += config.n_layers * attention_passes * 4 * local_tokens * seq_len * attention_width \
         / machine.gemm_flops
     parameters = config.num_parameters() / (shape.row * shape.col * shape.depth)
+    _add_step_costs(prediction, config, local_tokens, micro_steps, parameters / (shape.data if zero1 else 1),
+                    machine, value_bytes)
     micro_tokens = local_tokens / micro_steps
     kept, transient = activation_bytes(recompute, shape.row * shape.col)
     # activation_bytes counts bf16 values; fp32 training (value_bytes = 4) keeps twice the bytes
@@ -244,6 +257,31 @@ def predict(config: ModelConfig, shape: GridShape, global_batch: int, seq_len: i
                          "gathered_weights": _gathered_weight_bytes(config, shape, regather, value_bytes)}
     prediction.fits = sum(prediction.memory.values()) <= 0.9 * machine.memory_gb * 1e9
     return prediction
+
+
+def _add_step_costs(prediction: Prediction, config: ModelConfig, local_tokens: float, micro_steps: int,
+                    updated_parameters: float, machine: MachineProfile, value_bytes: int) -> None:
+    """What a step costs beside GEMMs and collectives. Values each token streams through elementwise kernels per
+    layer, forward (backward about twice that): two norms and two residual adds on the column-split hidden state
+    (~10 passes), rotary and the head reshapes on the row-split attention width (~4 passes of q and k, 2 of q, k,
+    v and the output), the activation on the row-split MLP width (gated ~5 passes, else ~2); a recomputed part runs
+    its forward again. The loss reads and writes the local vocabulary ~6 times in fp32; fused AdamW reads and
+    writes its shard of parameters, gradients and both moments (~36 bytes per parameter with clipping and
+    zeroing). Plus the machine's fixed cost per layer and micro-step and per step."""
+    shape = prediction.shape
+    head_dim = config.resolved_head_dim
+    q, kv = config.n_heads * head_dim / shape.row, config.kv_heads * head_dim / shape.row
+    attention = 4 * (q + kv) + 2 * (2 * q + 2 * kv)
+    mlp = (5 if config.gated_mlp else 2) * config.mlp_width / shape.row
+    hidden = 10 * config.hidden_size / shape.col
+    recomputed = {"block": hidden + attention + mlp, "attention": attention, "mlp": mlp, "none": 0.0}
+    layer_bytes = (3 * (hidden + attention + mlp) + recomputed[prediction.recompute]) * value_bytes
+    loss_bytes = 6 * config.vocab_size / shape.row * 4
+    optimizer_bytes = 0.0 if prediction.frozen else 36 * updated_parameters
+    if machine.memory_bandwidth > 0:
+        prediction.elementwise = (local_tokens * (config.n_layers * layer_bytes + loss_bytes) + optimizer_bytes) \
+            / machine.memory_bandwidth
+    prediction.overhead = micro_steps * config.n_layers * machine.layer_overhead + machine.step_overhead
 
 
 def activation_bytes(recompute: str, tensor_parallel: int) -> tuple[float, float]:
