@@ -92,9 +92,14 @@ def _check_equal(model_name: str, shape: dict, gemm_layout: str, optimizer_name:
     state = _whole_state(parallel, optimizer, grid)
     ref_state = {f"{n}/{k}": v for n, p in reference.named_parameters()
                  for k, v in ref_optimizer.state[p].items() if torch.is_tensor(v) and v.dim() > 0}
+    # A projector [n, r] is compared through the subspace it spans (P P^T); a square basis spans everything, so its
+    # vectors are compared one by one up to sign (|U^T U_ref| = I).
     span_errors = [float((state[key] @ state[key].T - ref @ ref.T).abs().max())
-                   for key, ref in ref_state.items() if key.endswith(("/projector", "/basis"))]
-    moments = {key: value.abs() for key, value in state.items() if key.endswith("exp_avg_sq")}
+                   for key, ref in ref_state.items() if key.endswith("/projector")]
+    basis_errors = [float(((state[key].T @ ref).abs() - torch.eye(ref.shape[1])).abs().max())
+                    for key, ref in ref_state.items() if key.endswith("/basis")]
+    # Both moments; GaLore's (of P^T G) change sign with the projector's vectors, so they are compared by size.
+    moments = {key: value.abs() for key, value in state.items() if key.endswith(("exp_avg_sq", "exp_avg"))}
     ref_moments = {key: ref_state[key].abs() for key in moments}
     # What each rank stores of the projected matrices' moments, against one process's moments and the weights.
     matrices = [(p, r) for p, r in zip(parallel.parameters(), reference.parameters(), strict=True)
@@ -106,7 +111,8 @@ def _check_equal(model_name: str, shape: dict, gemm_layout: str, optimizer_name:
             "moment_share": moment_share, "weight_share": weight_share,
             "param_error": _max_error(full_state_dict(parallel, grid), ref_params),
             "state_keys_match": sorted(state) == sorted(ref_state),
-            "span_error": max(span_errors), "moment_error": _max_error(moments, ref_moments),
+            "span_error": max(span_errors, default=0.0), "basis_error": max(basis_errors, default=0.0),
+            "moment_error": _max_error(moments, ref_moments),
             "projected": sum(key.endswith(("/projector", "/basis")) for key in state)}
 
 

@@ -14,6 +14,8 @@ Entry point: SplitMatrix.of(parameter, grid) (grid None: the whole matrix on one
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -50,11 +52,17 @@ class SplitMatrix:
         return "col" if self.layout.col_dim == side else None
 
     def group(self, side: int) -> Group:
+        """The process group splitting the matrix's side (None when unsplit): where products over it are summed."""
         name = self.group_name(side)
         return None if name is None else self.grid.groups[name]
 
     def depth_group(self) -> Group:
+        """The group the block is sharded over (None when it is not): where its pieces are gathered."""
         return self.grid.groups["depth"] if self.grid is not None and self.layout.depth else None
+
+    def block_numel(self) -> int:
+        """Values in this rank's whole [m_i, n_j] block (before any depth split)."""
+        return math.prod(self.shape) if self.grid is None else math.prod(self.layout.block_shape(self.grid))
 
     # -- pieces (no communication; the collectives between them are batched over many matrices by the caller) --
 
@@ -64,13 +72,14 @@ class SplitMatrix:
         if self.grid is None:
             return gathered
         stored = self.layout.stored_block_shape(self.grid)
-        block = gathered[:stored[0] * stored[1]].view(stored) if self.layout.depth else gathered.view(stored)
+        block = gathered[:math.prod(stored)].view(stored) if self.layout.depth else gathered.view(stored)
         return block.t() if self.layout.transposed else block
 
     def partial_block(self, local: torch.Tensor) -> torch.Tensor:
         """The [m_i, n_j] block holding only this depth rank's values (zeros elsewhere): the depth group's partial
         blocks sum to the block, so a product linear in it can be summed over depth after the GEMM, on the small
-        result, instead of gathering the block before it."""
+        result, instead of gathering the block before it. (Each rank still multiplies a whole block, mostly
+        zeros: communication saved, not arithmetic.)"""
         if self.grid is None or not self.layout.depth:
             return self.block_from(local)
         flat = local.new_zeros(local.numel() * self.grid.size("depth"))
@@ -91,10 +100,11 @@ class SplitMatrix:
         return local if self.grid is None else unshard(local, self.layout, self.grid)
 
     def chunk(self, tensor: torch.Tensor, side: int) -> torch.Tensor:
-        """This rank's rows of a tensor whose rows run over the matrix's side `side`."""
+        """This rank's rows of a tensor whose rows run over the matrix's side `side`: a contiguous copy, so a slice
+        of SVD factors does not keep the whole factor alive (or compute differently from a resumed copy)."""
         name = self.group_name(side)
         if name is None:
-            return tensor
+            return tensor.contiguous()
         return tensor.chunk(self.grid.size(name))[self.grid.index(name)].contiguous()
 
     def depth_piece(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -109,10 +119,7 @@ class SplitMatrix:
     @staticmethod
     def whole_from(gathered: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """Undo depth_piece on the depth-gathered pieces: the first numel values, in `shape`."""
-        numel = 1
-        for size in shape:
-            numel *= size
-        return gathered[:numel].view(shape)
+        return gathered.reshape(-1)[:math.prod(shape)].view(shape)
 
     @staticmethod
     def side_major(tensor: torch.Tensor, side: int) -> torch.Tensor:

@@ -27,14 +27,20 @@ Entry points: GaLore(param_groups, ..., grid=None), Conda(param_groups, ..., gri
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 
 from tetra.parallel.batched_collectives import all_gather_each, all_reduce_each, reduce_scatter_each
 from tetra.parallel.grid import ProcessGrid
 from tetra.parallel.layout import Layout
 from tetra.parallel.split_matrix import SplitMatrix
+
+# Whole blocks a step handles at once (fp32 bytes): Conda gathers the gradient and first-moment blocks of a bucket
+# over depth and builds their rotated products, so its temporaries are a few times this.
+BUCKET_BYTES = 64 << 20
 
 
 def _adam(parameter: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
@@ -91,10 +97,9 @@ class _SingularOptimizer(torch.optim.Optimizer):
 
     def _projected(self, parameter: torch.Tensor) -> dict | None:
         """The parameter's group when it gets the matrix treatment, else None."""
-        for group in self.param_groups:
-            if any(p is parameter for p in group["params"]):
-                return group if group.get("project") and self._is_matrix(parameter) else None
-        return None
+        groups = {id(p): group for group in self.param_groups for p in group["params"]}
+        group = groups.get(id(parameter))
+        return group if group is not None and group.get("project") and self._is_matrix(parameter) else None
 
     def state_layouts(self, parameter: torch.Tensor) -> dict[str, Layout]:
         """Layouts (full shape and split) of the state tensors not shaped like the parameter: what a sharded
@@ -120,9 +125,37 @@ class _SingularOptimizer(torch.optim.Optimizer):
                     matrices.append(_Matrix(self._view(parameter), parameter, grad, state, group))
                 else:
                     _adam(parameter, grad, state, group)
-        if matrices:  # all at once: on the grid, one collective per group for every matrix's piece
-            self._matrix_steps(matrices)
+        for bucket in self._buckets(matrices):  # on the grid, one collective per group for a bucket's pieces
+            self._matrix_steps(bucket)
         return loss
+
+    def _buckets(self, matrices: list[_Matrix]) -> list[list[_Matrix]]:
+        """Consecutive matrices whose whole blocks add up to at most BUCKET_BYTES (at least one each): the
+        temporaries a step gathers stay bounded, and every rank cuts the same buckets."""
+        buckets: list[list[_Matrix]] = []
+        total = BUCKET_BYTES
+        for matrix in matrices:
+            size = 4 * matrix.view.block_numel()
+            if total + size > BUCKET_BYTES:
+                buckets.append([])
+                total = 0
+            buckets[-1].append(matrix)
+            total += size
+        return buckets
+
+    def _factors(self, wholes: list[torch.Tensor], factor: Callable[[int, torch.Tensor], torch.Tensor],
+                 shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """factor(k, whole) for each matrix a refresh decomposes. On the grid, matrix k is decomposed by rank
+        k % world and the results reach every rank in one all-reduce with zeros everywhere else (exact): the SVDs
+        are spread over the ranks, and every rank holds the same vectors even where two ranks' solvers would
+        differ."""
+        if self.grid is None or not dist.is_initialized():
+            return [factor(k, whole) for k, whole in enumerate(wholes)]
+        world, rank = dist.get_world_size(), dist.get_rank()
+        results = [factor(k, whole).contiguous() if k % world == rank else whole.new_zeros(shape)
+                   for k, (whole, shape) in enumerate(zip(wholes, shapes, strict=True))]
+        all_reduce_each(results, [dist.group.WORLD] * len(results))
+        return results
 
     def _matrix_steps(self, matrices: list[_Matrix]) -> None:
         raise NotImplementedError
@@ -162,15 +195,23 @@ class GaLore(_SingularOptimizer):
                 "exp_avg": moments, "exp_avg_sq": moments}
 
     def _matrix_steps(self, matrices: list[_Matrix]) -> None:
+        refreshed = [matrix for matrix in matrices if "projector" not in matrix.state
+                     or matrix.state["step"] % matrix.group["update_interval"] == 0]
+        ranks = [min(matrix.group["rank"], *matrix.view.shape) for matrix in refreshed]
+
+        def top_vectors(k: int, whole: torch.Tensor) -> torch.Tensor:
+            u, _, vh = torch.linalg.svd(whole, full_matrices=False)
+            return u[:, :ranks[k]] if _left_side(whole.shape) else vh[:ranks[k]].T
+
+        projectors = self._factors([matrix.view.full(matrix.grad) for matrix in refreshed], top_vectors,
+                                   [(matrix.view.shape[_side(matrix.view)], rank)
+                                    for matrix, rank in zip(refreshed, ranks, strict=True)])
+        for (view, _, _, state, _), projector in zip(refreshed, projectors, strict=True):
+            state["projector"] = view.chunk(projector, _side(view))
         products = []
-        for view, _, grad, state, group in matrices:
-            left = _left_side(view.shape)
-            if "projector" not in state or state["step"] % group["update_interval"] == 0:
-                rank = min(group["rank"], *view.shape)
-                u, _, vh = torch.linalg.svd(view.full(grad), full_matrices=False)
-                state["projector"] = view.chunk(u[:, :rank] if left else vh[:rank].T, _side(view))
+        for view, _, grad, state, _ in matrices:
             block, projector = view.partial_block(grad), state["projector"]
-            products.append(projector.T @ block if left else block @ projector)
+            products.append(projector.T @ block if _left_side(view.shape) else block @ projector)
         all_reduce_each(products, [matrix.view.group(_side(matrix.view)) for matrix in matrices])
         all_reduce_each(products, [matrix.view.depth_group() for matrix in matrices])
         normalized = []
@@ -208,14 +249,21 @@ class Conda(_SingularOptimizer):
         return {"basis": view.state_layout((view.shape[side],) * 2, {0: side}, depth=False)}
 
     def _matrix_steps(self, matrices: list[_Matrix]) -> None:
-        for view, _, grad, state, group in matrices:
+        for _, _, grad, state, group in matrices:
             if "exp_avg" not in state:
                 state["step"] = 0
                 state["exp_avg"] = torch.zeros_like(grad)
             state["exp_avg"].lerp_(grad, 1 - group["betas"][0])
-            if state["step"] % group["update_interval"] == 0:
-                u, _, vh = torch.linalg.svd(view.full(state["exp_avg"]), full_matrices=False)
-                state["basis"] = view.chunk(u if _left_side(view.shape) else vh.T, _side(view))
+        refreshed = [matrix for matrix in matrices if matrix.state["step"] % matrix.group["update_interval"] == 0]
+
+        def basis_of(_: int, whole: torch.Tensor) -> torch.Tensor:
+            u, _, vh = torch.linalg.svd(whole, full_matrices=False)
+            return u if _left_side(whole.shape) else vh.T
+
+        bases = self._factors([matrix.view.full(matrix.state["exp_avg"]) for matrix in refreshed], basis_of,
+                              [(matrix.view.shape[_side(matrix.view)],) * 2 for matrix in refreshed])
+        for (view, _, _, state, _), basis in zip(refreshed, bases, strict=True):
+            state["basis"] = view.chunk(basis, _side(view))
         views = [matrix.view for matrix in matrices]
         depth_groups = [view.depth_group() for view in views]
         side_groups = [view.group(_side(view)) for view in views]
@@ -227,7 +275,7 @@ class Conda(_SingularOptimizer):
         rotated = [_rotate(view, matrix.state["basis"], block) for view, matrix, block in
                    zip(views * 2, matrices * 2, blocks, strict=True)]
         chunks = reduce_scatter_each(rotated, side_groups * 2)
-        rotated = [view.local(SplitMatrix.from_side_major(chunk, tuple(block.shape), _side(view)))
+        rotated = [view.local(SplitMatrix.from_side_major(chunk, tuple(block.shape), _side(view))).contiguous()
                    for view, chunk, block in zip(views * 2, chunks, blocks, strict=True)]
         normalized = []
         for index, (_, _, _, state, group) in enumerate(matrices):
