@@ -158,3 +158,14 @@ def test_a_grid_checkpoint_resumes_on_one_process(tmp_path):
         return [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
 
     assert len(losses("cut")) == 6 and losses("cut") == pytest.approx(losses("grid"), rel=1e-5)
+
+
+def test_resuming_with_another_rank_or_optimizer_is_refused_by_name(tmp_path, capsys):
+    config = _arithmetic_run(tmp_path, "galore", max_steps=2, checkpoint_every=2)
+    assert main(["train", str(config), "--no-progress", f"run.dir={tmp_path / 'run'}"]) == 0
+    capsys.readouterr()
+    for change in ("train.galore_rank=8", "train.optimizer=conda"):
+        assert main(["train", str(config), "--no-progress", f"run.dir={tmp_path / 'run'}", "train.max_steps=4",
+                     change, "--resume", "auto"]) == 2
+        error = capsys.readouterr().err
+        assert "optimizer state blocks.0." in error and "train.galore_rank" in error and "Traceback" not in error

@@ -26,7 +26,7 @@ from tetra.parallel.grid import ProcessGrid
 from tetra.parallel.layout import Layout, shard
 from tetra.parallel.zero import set_optimizer_state
 from tetra.train.checkpoint_write import TRAINER_STATE, list_checkpoints
-from tetra.train.sharded_checkpoint import load_shards, state_layout
+from tetra.train.sharded_checkpoint import check_state_shape, load_shards, state_layout
 from tetra.train.torch_strategies import is_dtensor, piece_of
 
 
@@ -134,6 +134,8 @@ def _load_optimizer(tensors: dict[str, torch.Tensor], model: Transformer, optimi
     if unknown:
         raise CheckpointError(f"The optimizer state in {folder} belongs to parameters this model lacks: "
                               f"{', '.join(unknown[:6])}. Resume with the configuration the run was started with.")
+    for key, value in tensors.items():
+        check_state_shape(folder, key, tuple(value.shape), optimizer, parameters[key.rsplit("/", 1)[0]])
     for key, value in tensors.items():
         name, field = key.rsplit("/", 1)
         parameter = parameters[name]

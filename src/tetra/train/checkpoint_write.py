@@ -29,7 +29,7 @@ from tetra.model.safetensors_io import write_tensors
 from tetra.parallel.grid import ProcessGrid
 from tetra.parallel.layout import unshard
 from tetra.train.distributed import is_main_rank
-from tetra.train.sharded_checkpoint import state_layout
+from tetra.train.sharded_checkpoint import shard_state, state_layout
 from tetra.train.torch_strategies import full_tensor
 
 TRAINER_STATE = "trainer_state.json"
@@ -202,8 +202,6 @@ def _stage_shards(target: CheckpointTarget, step: int, model: Transformer, optim
     the shard write returns there (torch.distributed.checkpoint's coordinator returns after every rank's files are
     written)."""
     import torch.distributed.checkpoint as dcp
-
-    from tetra.train.sharded_checkpoint import shard_state
 
     folder = checkpoint_folder(target.run_dir, step)
     staging = _staging_folder(folder)

@@ -9,11 +9,13 @@ load_shards(folder, model, optimizer, grid).
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tetra.errors import CheckpointError
 from tetra.model import Transformer
 from tetra.model.sharded_io import SHARDS, sharded_metadata
 from tetra.parallel.grid import ProcessGrid
@@ -69,15 +71,24 @@ def state_layout(optimizer: object | None, parameter: torch.Tensor, key: str) ->
     return own.get(key, getattr(parameter, "tetra_layout", None))
 
 
+def check_state_shape(folder: Path, key: str, found: tuple[int, ...], optimizer: object,
+                      parameter: torch.Tensor) -> None:
+    """Refuse optimizer state that this run's optimizer would not shape so (another optimizer or GaLore rank)
+    before any of it is read, naming the tensor and the fix."""
+    field = key.rsplit("/", 1)[1]
+    layout = state_layout(optimizer, parameter, field)
+    expected = tuple(layout.full_shape) if layout is not None else tuple(parameter.shape)
+    if len(found) and tuple(found) != expected:
+        raise CheckpointError(f"The optimizer state {key} in {folder} has shape {tuple(found)}, but this run's "
+                              f"optimizer keeps it as {expected}: the run was started with another train.optimizer "
+                              "or train.galore_rank. Resume with the settings the run was started with, or start a "
+                              "new run from its weights with init.checkpoint.")
+
+
 def _local_shape(layout: Layout, grid: ProcessGrid) -> tuple[int, ...]:
     """The shape a rank stores for a layout: its block (as stored), or its flat depth shard."""
     block = layout.stored_block_shape(grid)
-    if not layout.depth:
-        return block
-    numel = 1
-    for size in block:
-        numel *= size
-    return (-(-numel // grid.size("depth")),)
+    return (-(-math.prod(block) // grid.size("depth")),) if layout.depth else block
 
 
 def _entries(model: Transformer, optimizer: torch.optim.Optimizer):
@@ -107,8 +118,8 @@ def shard_state(model: Transformer, optimizer: torch.optim.Optimizer, grid: Proc
 def load_shards(folder: Path, model: Transformer, optimizer: torch.optim.Optimizer | None,
                 grid: ProcessGrid) -> None:
     """Collective: read this rank's pieces of a sharded checkpoint written on any grid, straight into the weights
-    (and into optimizer state of the weights' shapes; optimizer=None: the weights only, as a run that starts from
-    the checkpoint needs): no rank reads more than it stores."""
+    and the optimizer state (each state tensor by its own layout; optimizer=None: the weights only, as a run that
+    starts from the checkpoint needs): no rank reads more than it stores."""
     import torch.distributed.checkpoint as dcp
 
     names = sharded_metadata(folder)
@@ -126,6 +137,7 @@ def load_shards(folder: Path, model: Transformer, optimizer: torch.optim.Optimiz
         if key.startswith("model/"):
             local = parameter.data
         else:
+            check_state_shape(folder, key, tuple(item.size), optimizer, parameter)
             layout = state_layout(optimizer, parameter, key.rsplit("/", 1)[1])
             local = torch.zeros(_local_shape(layout, grid), dtype=item.properties.dtype, device=parameter.device)
         states[key] = local
