@@ -176,7 +176,7 @@ class GaLore(_SingularOptimizer):
     On the grid: the projector's rows follow the split of the projected side, the moments (of P^T G: [r, n], or
     G P: [m, r]) are split like the other side and sharded over depth; the refresh's SVD takes the whole gradient.
     Each depth rank projects only its own values (the projection is linear), so a step sums small [r, n_j] results
-    and gathers normalized moments, never a whole block."""
+    and gathers normalized moments: no whole block is communicated (each rank still multiplies one)."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, rank: int = 128, update_interval: int = 200, scale: float = 0.25,
