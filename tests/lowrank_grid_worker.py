@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from lora_grid_worker import _adapted
 from parallel_worker import MODELS, _max_error, run_cases
 from tetra.config import TrainConfig
 from tetra.model import ModelConfig, Transformer
@@ -43,14 +44,18 @@ def _config(optimizer: str) -> TrainConfig:
 
 def _tokens(model_name: str, step: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(100 + step)
-    return torch.randint(0, MODELS[model_name]["vocab_size"], (8, 9), generator=generator)
+    return torch.randint(0, MODELS[model_name.removesuffix("+lora")]["vocab_size"], (8, 9), generator=generator)
 
 
 def _build(model_name: str, shape: dict, gemm_layout: str, optimizer: str):
+    """model_name "NAME+lora": adapters on every projection of a frozen base, projected by the optimizer."""
     grid = ProcessGrid.build(GridShape(**shape))
-    torch.manual_seed(0)
-    reference = Transformer(ModelConfig(**MODELS[model_name]))
-    reference.init_weights(std=0.2)
+    if model_name.endswith("+lora"):
+        reference = _adapted(model_name.removesuffix("+lora"))
+    else:
+        torch.manual_seed(0)
+        reference = Transformer(ModelConfig(**MODELS[model_name]))
+        reference.init_weights(std=0.2)
     layouts = dict.fromkeys(linear_block_shapes(reference, grid), gemm_layout)
     parallel = parallelize(copy.deepcopy(reference), grid, gemm_layouts=layouts)
     return grid, parallel, build_optimizer(parallel, _config(optimizer), grid), reference

@@ -41,7 +41,8 @@ def test_four_rank_grids_equal_one_process_and_resume(tmp_path):
     cases = [("equal", "llama", dict(row=2, col=2), "out_in", "galore"),
              ("equal", "gpt2", dict(depth=2, row=2), "in_out", "conda"),
              ("equal", "llama", dict(depth=2, col=2), "in_out", "galore"),
-             ("equal", "llama", dict(data=2, depth=2), "out_in", "conda")]
+             ("equal", "llama", dict(data=2, depth=2), "out_in", "conda"),
+             ("equal", "gpt2+lora", dict(row=2, col=2), "out_in", "galore")]  # adapters split by row or col
     resumes = [("resume", "llama", dict(depth=2, row=2), dict(depth=2, row=2), optimizer, str(tmp_path))
                for optimizer in ("galore", "conda")]
     resumes += [("resume", "gpt2", dict(depth=2, col=2), dict(row=2, depth=2), "galore", str(tmp_path)),
