@@ -3,8 +3,8 @@ model on N gloo processes (benchmarks/parallel_grids.py), and compares with `tet
 
 Run: python benchmarks/planner_accuracy.py [--world 4 --layers 2 --width 128 --seq 128 --batch 8]
 Prints predicted vs measured step time per grid, the Spearman rank correlation (target >= 0.8), and how much slower
-the predicted-best grid is than the measured best (target within 10%). The runs are fp32, so the profile's fp32 GEMM
-throughput is used and 4-byte values are counted.
+the predicted-best grid is than the measured best (target within 10%). The runs are fp32, so the fp32 GEMM
+throughput each process sustains while all compute is used and 4-byte values are counted.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def spearman(a: list[float], b: list[float]) -> float:
 def main() -> None:
     args = parse_args()
     measured_profile = calibrate(args.world, torch.device("cpu"))
-    fp32_gemm = max(row["flops"] for row in measured_profile["gemm"] if row["dtype"] == "float32")
+    # fp32 runs: the fp32 GEMM throughput each process sustains while all of them compute
+    fp32_gemm = measured_profile["step_costs"]["concurrent_gemm_flops_float32"]
     machine = dataclasses.replace(MachineProfile(**measured_profile["profile"]), gemm_flops=fp32_gemm)
     rows = measure_grids(args)
     config = ModelConfig(vocab_size=args.vocab, hidden_size=args.width, n_layers=args.layers, n_heads=args.heads,
@@ -42,8 +43,9 @@ def main() -> None:
                                              value_bytes=4, regather=args.regather).step_time
     print(f"machine: {machine.gemm_flops / 1e9:.0f} GFLOP/s fp32 GEMM, {machine.intra_node_bandwidth / 1e9:.2f} GB/s "
           f"all-reduce bus bandwidth, {machine.collective_latency * 1e6:.0f} us latency, "
-          f"{machine.overlap_efficiency:.0%} overlap efficiency ({args.world} gloo processes on {os.cpu_count()} "
-          "cores)")
+          f"{machine.overlap_efficiency:.0%} overlap efficiency, {machine.memory_bandwidth / 1e9:.1f} GB/s memory, "
+          f"{machine.layer_overhead * 1e3:.2f} ms per layer and {machine.step_overhead * 1e3:.2f} ms per step fixed "
+          f"({args.world} gloo processes on {os.cpu_count()} cores)")
     print(f"{'data':>4} {'depth':>5} {'row':>3} {'col':>3} {'measured ms':>12} {'predicted ms':>13}")
     for row in rows:
         g = row["grid"]

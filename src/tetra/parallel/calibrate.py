@@ -48,6 +48,8 @@ def _collective_worker(rank: int, world: int, port: int, backend: str, out: str)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group(backend, rank=rank, world_size=world)
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cpu":  # as torchrun starts CPU workers (OMP_NUM_THREADS=1): one thread each
+        torch.set_num_threads(1)
     rows = []
     size = 2
     while size <= world:
@@ -139,15 +141,24 @@ def _tiny_step_seconds(layers: int, device: torch.device) -> float:
     return min(_timed(_synchronized(step, device), dist.group.WORLD, repeats=10) for _ in range(3))
 
 
+def _concurrent_gemm_flops(dtype: torch.dtype, device: torch.device, size: int = 1024) -> float:
+    """FLOP/s of one process's GEMMs while every process runs them (on a CPU, processes share the cores)."""
+    a = timing_input(size, size, dtype=dtype, device=device)
+    return 2 * size**3 / _timed(_synchronized(lambda: a @ a, device), dist.group.WORLD, repeats=10)
+
+
 def _step_costs(device: torch.device) -> dict[str, float]:
-    """Memory bandwidth and the fixed costs per layer and per step, each the mean over every process measuring at
-    the same time (processes that share cores slow each other, as in training)."""
+    """GEMM throughput, memory bandwidth and the fixed costs per layer and per step, each the mean over every
+    process measuring at the same time (processes that share cores slow each other, as in training)."""
     one, three = _tiny_step_seconds(1, device), _tiny_step_seconds(3, device)
     layer = max((three - one) / 2, 0.0)
-    values = torch.tensor([_memory_bandwidth(device), layer, max(one - layer, 0.0)], dtype=torch.float64)
+    values = torch.tensor([_memory_bandwidth(device), layer, max(one - layer, 0.0),
+                           _concurrent_gemm_flops(torch.float32, device),
+                           _concurrent_gemm_flops(torch.bfloat16, device)], dtype=torch.float64)
     dist.all_reduce(values)
-    bandwidth, layer, step = (values / dist.get_world_size()).tolist()
-    return {"memory_bandwidth": bandwidth, "layer_overhead": layer, "step_overhead": step}
+    bandwidth, layer, step, fp32, bf16 = (values / dist.get_world_size()).tolist()
+    return {"memory_bandwidth": bandwidth, "layer_overhead": layer, "step_overhead": step,
+            "concurrent_gemm_flops_float32": fp32, "concurrent_gemm_flops_bfloat16": bf16}
 
 
 def measure_collectives(processes: int, backend: str) -> list[dict]:
@@ -188,9 +199,12 @@ def calibrate(processes: int, device: torch.device, name: str = "local") -> dict
         memory_gb = torch.cuda.get_device_properties(device).total_memory / 1e9
     else:
         memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9 / max(processes, 1)
+    # What one process sustains while all of them compute (on a CPU they share the cores; on GPUs it is the
+    # single-device figure again): what training on this many processes gets.
+    sustained = min(best_gemm, costs["concurrent_gemm_flops_bfloat16"])
     profile = {"name": name, "devices_per_node": processes, "memory_gb": round(memory_gb, 1),
-               "peak_flops": best_gemm, "gemm_flops": best_gemm, "intra_node_bandwidth": bandwidth,
+               "peak_flops": best_gemm, "gemm_flops": sustained, "intra_node_bandwidth": bandwidth,
                "inter_node_bandwidth": bandwidth, "collective_latency": latency,
                "overlap_efficiency": round(efficiency, 3), "memory_bandwidth": costs["memory_bandwidth"],
                "layer_overhead": costs["layer_overhead"], "step_overhead": costs["step_overhead"]}
-    return {"profile": profile, "gemm": gemms, "collectives": collectives}
+    return {"profile": profile, "gemm": gemms, "collectives": collectives, "step_costs": costs}
