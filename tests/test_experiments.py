@@ -21,7 +21,7 @@ def _load(name: str):
 def test_catastrophic_memorization_smoke(tmp_path):
     experiment = _load("catastrophic_memorization")
     assert experiment.main(["--smoke", "--work", str(tmp_path)]) == 0
-    results = json.loads((tmp_path / "results_3.json").read_text())  # --smoke trains 3 steps
+    results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["repeated"]) == {"standard", "goldfish k=4"} and len(results["single_pass"]) == 2
     canaries = (tmp_path / "canaries.jsonl").read_text().splitlines()
     assert len(canaries) >= results["scale"]["canaries"] - 2  # a window may be too short once re-tokenized
@@ -87,7 +87,7 @@ def test_long_context_quality_smoke(tmp_path):
 def test_length_generalization_smoke(tmp_path):
     experiment = _load("length_generalization")
     assert experiment.main(["--smoke", "--out", str(tmp_path)]) == 0
-    results = json.loads((tmp_path / "results_3.json").read_text())  # --smoke trains 3 steps
+    results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["accuracy"]) == {"abacus", "rope", "none", "abacus+loop"}
     assert len(results["accuracy"]["abacus"]) == 15  # 1 .. 5D digits with D = 3
     assert (tmp_path / "length_generalization.png").stat().st_size > 1000
@@ -106,7 +106,7 @@ def test_test_time_compute_smoke(tmp_path):
 def test_scaling_study_smoke(tmp_path):
     experiment = _load("scaling_study")
     assert experiment.main(["--smoke", "--out", str(tmp_path)]) == 0
-    results = json.loads((tmp_path / "results_3.json").read_text())  # --smoke trains 3 steps
+    results = json.loads((tmp_path / "results.json").read_text())
     assert [fit["runs"] for fit in results["fits"]] == [12, 6, 8] and results["held_out"]["width"] == 32
     assert (tmp_path / "scaling_fit.png").stat().st_size > 10000 and "held-out" in (tmp_path / "table.md").read_text()
 
@@ -114,6 +114,6 @@ def test_scaling_study_smoke(tmp_path):
 def test_lr_study_smoke(tmp_path):
     experiment = _load("lr_study")
     assert experiment.main(["--smoke", "--out", str(tmp_path)]) == 0
-    results = json.loads((tmp_path / "results_3.json").read_text())  # --smoke trains 3 steps
+    results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["points"]) == 4 and all(set(p["losses"]) == {"0.003", "0.01"} for p in results["points"])
     assert "refitted: lr_opt" in (tmp_path / "table.md").read_text()
