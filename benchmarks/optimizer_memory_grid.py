@@ -22,6 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from optimizer_memory import state_bytes
 from tetra.config import TrainConfig
 from tetra.model import ModelConfig, Transformer
 from tetra.parallel.grid import GridShape, ProcessGrid
@@ -62,11 +63,6 @@ def _model(args: argparse.Namespace) -> Transformer:
     return model
 
 
-def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(value.numel() * value.element_size() for state in optimizer.state.values()
-               for value in state.values() if torch.is_tensor(value))
-
-
 def _tokens(args: argparse.Namespace, step: int) -> torch.Tensor:
     return torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(step))
 
@@ -79,7 +75,7 @@ def _one_process(args: argparse.Namespace) -> dict[str, int]:
         optimizer = build_optimizer(model, config)
         next_token_loss(model, _tokens(args, 0))[0].backward()
         optimizer.step()
-        sizes[name] = _state_bytes(optimizer)
+        sizes[name] = state_bytes(optimizer)
     return sizes
 
 
@@ -109,7 +105,7 @@ def _worker(rank: int, world: int, port: int, args_json: str, out_path: str) -> 
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     times.append(time.perf_counter() - start)
-                largest = torch.tensor([_state_bytes(optimizer)])
+                largest = torch.tensor([state_bytes(optimizer)])
                 dist.all_reduce(largest, op=dist.ReduceOp.MAX)
                 results[f"{grid_name}/{name}"] = {"bytes": int(largest), "step_s": statistics.median(times[1:])}
                 schedule = getattr(model, "comm_schedule", None)

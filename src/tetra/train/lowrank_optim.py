@@ -84,6 +84,7 @@ class _SingularOptimizer(torch.optim.Optimizer):
                                       update_interval=update_interval, **extra))
         self.grid = grid
         self._views: dict[torch.Tensor, SplitMatrix] = {}
+        self._group_of: dict[int, dict] = {}  # parameter id -> its group, rebuilt when groups are added
 
     def _view(self, parameter: torch.Tensor) -> SplitMatrix:
         if parameter not in self._views:
@@ -97,8 +98,9 @@ class _SingularOptimizer(torch.optim.Optimizer):
 
     def _projected(self, parameter: torch.Tensor) -> dict | None:
         """The parameter's group when it gets the matrix treatment, else None."""
-        groups = {id(p): group for group in self.param_groups for p in group["params"]}
-        group = groups.get(id(parameter))
+        if len(self._group_of) != sum(len(group["params"]) for group in self.param_groups):
+            self._group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        group = self._group_of.get(id(parameter))
         return group if group is not None and group.get("project") and self._is_matrix(parameter) else None
 
     def state_layouts(self, parameter: torch.Tensor) -> dict[str, Layout]:
@@ -188,7 +190,7 @@ class GaLore(_SingularOptimizer):
     def _matrix_state_layouts(self, view: SplitMatrix, group: dict) -> dict[str, Layout]:
         m, n = view.shape
         rank = min(group["rank"], m, n)
-        side = 0 if _left_side(view.shape) else 1
+        side = _side(view)
         moments = view.state_layout((rank, n), {1: 1}, depth=True) if side == 0 else \
             view.state_layout((m, rank), {0: 0}, depth=True)
         return {"projector": view.state_layout((view.shape[side], rank), {0: side}, depth=False),
