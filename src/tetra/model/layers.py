@@ -75,11 +75,45 @@ class RotaryEmbedding(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate [B, H, T, D] by position (the half-split convention Llama checkpoints are stored in)."""
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_low: torch.Tensor, sin_high: torch.Tensor) -> torch.Tensor:
+    """x * cos plus the half-swap of x times sin: the low half gets - x_high * sin_low, the high half
+    + x_low * sin_high. One product and two fused multiply-adds, where the textbook form (negate, concatenate, two
+    products, a sum) makes five passes and two temporaries."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    out = x * cos
+    out[..., :half].addcmul_(x[..., half:], sin_low, value=-1)
+    out[..., half:].addcmul_(x[..., :half], sin_high)
+    return out
+
+
+class _Rotary(torch.autograd.Function):
+    """Rotary positions with a hand-written backward: the rotation's transpose is the rotation by -angle, so the
+    gradient takes the same three passes as the forward and autograd keeps only cos and sin (no copies of x)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin[..., :half], sin[..., half:])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        half = grad.shape[-1] // 2
+        return _rotate(grad, cos, -sin[..., half:], -sin[..., :half]), None, None
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate [B, H, T, D] by position (the half-split convention Llama checkpoints are stored in); cos and sin are
+    [B, T, D]."""
+    cos, sin = cos[:, None], sin[:, None]
+    if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad):
+        if cos.requires_grad or sin.requires_grad:  # differentiable tables: leave it to autograd
+            half = x.shape[-1] // 2
+            return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+        return _Rotary.apply(x, cos, sin)
+    half = x.shape[-1] // 2
+    return _rotate(x, cos, sin[..., :half], sin[..., half:])
 
 
 def autocast_input(x: torch.Tensor) -> torch.Tensor:

@@ -26,14 +26,16 @@ import torch
 from tetra.data.batch import IGNORE_INDEX
 
 DEFAULT_CHUNK = 1024
-CPU_CHUNK_BYTES = 8 * 2**20  # the fp32 [rows, vocabulary] buffer of one chunk, on CPU
+CPU_CHUNK_BYTES = 8 * 2**20  # one chunk's [rows, vocabulary] buffer, on CPU
 
 
-def chunk_rows(vocabulary: int, device: torch.device) -> int:
-    """Tokens per chunk: DEFAULT_CHUNK, or on CPU as many as keep a chunk's fp32 logits under CPU_CHUNK_BYTES."""
+def chunk_rows(vocabulary: int, device: torch.device, itemsize: int = 4) -> int:
+    """Tokens per chunk: DEFAULT_CHUNK, or on CPU as many as keep a chunk's [rows, vocabulary] buffer of
+    `itemsize`-byte values under CPU_CHUNK_BYTES (fp32 statistics in the forward pass; the backward pass works in
+    the GEMM dtype, so under bf16 its chunks hold twice the rows and the head gradient is summed half as often)."""
     if device.type != "cpu":
         return DEFAULT_CHUNK
-    return max(16, min(DEFAULT_CHUNK, CPU_CHUNK_BYTES // (4 * vocabulary)))
+    return max(16, min(DEFAULT_CHUNK, CPU_CHUNK_BYTES // (itemsize * vocabulary)))
 
 
 def _statistics(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +53,9 @@ def _softmax_minus_onehot(logits: torch.Tensor, target: torch.Tensor,
     gradient = torch.softmax(logits, dim=-1)
     # The target column in fp32 before its one rounding: p - 1 loses every bit of p near 1 once p is rounded.
     target_gradient = torch.exp(target_logits - log_normalizers) - 1.0
-    gradient.scatter_(1, target[:, None], target_gradient[:, None].to(gradient.dtype))
+    # Written through a flat index: scatter_ along dim 1 walks the whole chunk on CPU (0.5 ms per 256 x 8192).
+    flat_target = torch.arange(0, gradient.numel(), gradient.shape[1], device=target.device) + target
+    gradient.view(-1).index_copy_(0, flat_target, target_gradient.to(gradient.dtype))
     return gradient
 
 
@@ -62,7 +66,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
-                eager_gradient: bool, dtype: torch.dtype) -> torch.Tensor:
+                backward_chunk: int, eager_gradient: bool, dtype: torch.dtype) -> torch.Tensor:
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         statistics_dtype = torch.promote_types(dtype, torch.float32)
@@ -75,7 +79,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             losses[rows], log_normalizers[rows] = _statistics(logits, labels[rows])
             if unscaled is not None:
                 unscaled[rows] = _softmax_minus_onehot(logits, labels[rows], log_normalizers[rows]) @ weight
-        ctx.eager_gradient, ctx.chunk = eager_gradient, chunk
+        ctx.eager_gradient, ctx.chunk = eager_gradient, backward_chunk
         ctx.save_for_backward(*((unscaled,) if eager_gradient else (hidden, weight, labels, log_normalizers)))
         return losses
 
@@ -83,22 +87,30 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_losses: torch.Tensor):
         if ctx.eager_gradient:
             (unscaled,) = ctx.saved_tensors
-            return (unscaled.float() * grad_losses[:, None]).to(ctx.hidden_dtype), None, None, None, None, None
+            return (unscaled.float() * grad_losses[:, None]).to(ctx.hidden_dtype), None, None, None, None, None, None
         hidden, weight, labels, log_normalizers = ctx.saved_tensors
         grad_hidden = torch.empty(hidden.shape, dtype=ctx.hidden_dtype, device=hidden.device) \
             if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
             if ctx.needs_input_grad[1] else None
+        # A narrow GEMM dtype's chunk products land in one reused buffer and are added to the fp32 sum from there:
+        # a fresh fp32 copy of a [vocabulary, width] product per chunk costs more than the GEMM on CPU.
+        product = torch.empty_like(weight) if grad_weight is not None and weight.dtype != torch.float32 else None
         for start in range(0, hidden.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
             piece, scale = hidden[rows], grad_losses[rows].float()[:, None]
             grad_logits = _softmax_minus_onehot(piece @ weight.t(), labels[rows], log_normalizers[rows])
             if grad_hidden is not None:
                 grad_hidden[rows] = (grad_logits @ weight).float() * scale
-            if grad_weight is not None:
-                grad_weight += (grad_logits.t() @ (piece.float() * scale).to(piece.dtype)).float()
+            if grad_weight is None:
+                continue
+            scaled_piece = (piece.float() * scale).to(piece.dtype)
+            if product is None:
+                grad_weight.addmm_(grad_logits.t(), scaled_piece)
+            else:
+                grad_weight += torch.mm(grad_logits.t(), scaled_piece, out=product)
         grad_weight = None if grad_weight is None else grad_weight.to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def chunked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -110,15 +122,16 @@ def chunked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
     if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
     chunk = chunk_tokens or chunk_rows(weight.shape[0], hidden.device)
+    backward_chunk = chunk_tokens or chunk_rows(weight.shape[0], hidden.device, dtype.itemsize)
     eager = torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
     hidden, labels_flat = hidden.flatten(0, -2), labels.flatten()
     trained = (labels_flat != IGNORE_INDEX).nonzero()[:, 0]
     if len(trained) == len(labels_flat):
-        losses = _ChunkedLinearCrossEntropy.apply(hidden, weight, labels_flat, chunk, eager, dtype)
+        losses = _ChunkedLinearCrossEntropy.apply(hidden, weight, labels_flat, chunk, backward_chunk, eager, dtype)
         return losses.view(labels.shape)
     # Only trained tokens go through the head: in chat data most labels are masked (prompts, padding), and their
     # logits would be computed only to be multiplied by zero. The others' losses (and gradients) are exactly 0.
     picked = _ChunkedLinearCrossEntropy.apply(hidden.index_select(0, trained), weight, labels_flat[trained],
-                                              chunk, eager, dtype)
+                                              chunk, backward_chunk, eager, dtype)
     losses = picked.new_zeros(len(labels_flat)).index_copy(0, trained, picked)
     return losses.view(labels.shape)
