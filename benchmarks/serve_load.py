@@ -1,11 +1,15 @@
-"""Load on `tetra serve`: N concurrent streaming chat clients on loopback, continuous vs static batching, interleaved.
+"""Load on `tetra serve`: N concurrent streaming chat clients on loopback; continuous batching, continuous batching
+with chunked prefill, and static batching take turns on the same requests.
 
 Run: python benchmarks/serve_load.py [--model models/smollm2] [--clients 1 4 16 64] [--max-tokens 32]
-Output lengths vary as in real traffic: client i asks for max_tokens * (1 + i % 4) / 4 tokens. For each client
-count and batching mode it prints requests/s, generated tokens/s, p50/p99 time to first token and
-p50/p99 time per output token, and checks every streamed answer against the same prompt asked alone (greedy): a lost
-or garbled stream is counted and reported. Without --model it serves SmolLM2 from models/smollm2 when present
-(`make sft` writes it), else a random 30M-parameter Llama.
+                                     [--context-tokens 0] [--prefill-chunk 64]
+Output lengths vary as in real traffic: client i asks for max_tokens * (1 + i % 4) / 4 tokens. With
+--context-tokens N, every other client's question comes after about N tokens of Python source (a long prompt
+arriving while short ones decode: what chunked prefill is for). For each client count and mode it prints
+requests/s, generated tokens/s, p50/p99 time to first token and p50/p99 time per output token, and checks every
+streamed answer against the same prompt asked alone (greedy): a lost or garbled stream is counted and reported.
+Without --model it serves SmolLM2 from models/smollm2 when present (`make sft` writes it), else a random 30M-parameter
+Llama.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from urllib.parse import urlparse
 import torch
 
 from tetra.data.gguf_tokenizer import load_tokenizer
+from tetra.data.sources import iter_documents
 from tetra.data.tokenizer import train_bpe
+from tetra.infer.context import ContextOptions
 from tetra.model import ModelConfig, Transformer
 from tetra.model.io import load_model
 from tetra.serve.listen import BackgroundServer
@@ -37,6 +43,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--context-tokens", type=int, default=0,
+                        help="every other client's prompt starts with about this many tokens of source code")
+    parser.add_argument("--prefill-chunk", type=int, default=64,
+                        help="prompt positions per engine step in the chunked-prefill mode")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args()
 
@@ -100,31 +110,48 @@ def load_round(url: str, name: str, asks: list[tuple[str, int]], tokenizer, expe
             "bad": bad}
 
 
+def source_prefix(tokenizer, tokens: int, offset: int) -> str:
+    """About `tokens` tokens of the Python standard library, a different stretch per offset."""
+    if tokens <= 0:
+        return ""
+    text = "".join(document for document, _ in zip(iter_documents("stdlib"), range(40), strict=False))
+    start = offset * 4000 % max(len(text) - 20 * tokens, 1)
+    ids = tokenizer.encode(text[start:start + 20 * tokens], add_special_tokens=False)[:tokens]
+    return tokenizer.decode(ids) + "\n\n"
+
+
+MODES = ("continuous", "chunked", "static")
+
+
 def main() -> None:
     args = parse_args()
     model, tokenizer, name = load(args)
-    prompts_all = [f"How do I use {topic} in Python?" for topic in TOPICS]
-    servers = {mode: Server(model, tokenizer, name, args.max_batch_size, 1024, mode == "continuous")
-               for mode in ("continuous", "static")}
+    prompts_all = [(source_prefix(tokenizer, args.context_tokens, index) if index % 2 else "")
+                   + f"How do I use {topic} in Python?" for index, topic in enumerate(TOPICS)]
+    chunked = ContextOptions(prefill_chunk=args.prefill_chunk)
+    servers = {mode: Server(model, tokenizer, name, args.max_batch_size, 2048, mode != "static",
+                            context=chunked if mode == "chunked" else None) for mode in MODES}
     contexts = {mode: BackgroundServer(server) for mode, server in servers.items()}
     urls = {mode: context.__enter__() for mode, context in contexts.items()}
     try:
         lengths = [max(1, args.max_tokens * (1 + i % 4) // 4) for i in range(4)]
         expected = {(p, n): stream_once(urls["continuous"], name, p, n)["text"] for p in prompts_all for n in lengths}
         print(f"model {name}, device {args.device}, up to {args.max_tokens} tokens per request, "
-              f"{args.max_batch_size} KV-cache slots")
+              f"{args.max_batch_size} KV-cache slots, every other prompt after ~{args.context_tokens} tokens of "
+              f"code, chunked prefill {args.prefill_chunk} positions per step")
         print(f"{'clients':>7} {'batching':>10} {'req/s':>7} {'tok/s':>8} {'TTFT p50':>9} {'p99':>8} "
               f"{'TPOT p50':>9} {'p99':>8} {'bad':>4}")
         for clients in args.clients:
             asks = [(prompts_all[i % len(prompts_all)], lengths[i % 4]) for i in range(clients)]
             rows = {}
-            for mode in ("continuous", "static"):  # interleaved, same requests
+            for mode in MODES:  # interleaved, same requests
                 rows[mode] = row = load_round(urls[mode], name, asks, tokenizer, expected)
                 print(f"{clients:>7} {mode:>10} {row['requests_per_s']:7.2f} {row['tokens_per_s']:8.1f} "
                       f"{row['ttft_p50_ms']:8.0f}ms {row['ttft_p99_ms']:6.0f}ms {row['tpot_p50_ms']:8.1f}ms "
                       f"{row['tpot_p99_ms']:6.1f}ms {row['bad']:>4}")
-            ratio = rows["continuous"]["tokens_per_s"] / rows["static"]["tokens_per_s"]
-            print(f"{'':>7} {'ratio':>10} continuous / static tokens/s = {ratio:.2f}x")
+            for mode in ("continuous", "chunked"):
+                ratio = rows[mode]["tokens_per_s"] / rows["static"]["tokens_per_s"]
+                print(f"{'':>7} {'ratio':>10} {mode} / static tokens/s = {ratio:.2f}x")
     finally:
         for context in contexts.values():
             context.__exit__(None, None, None)

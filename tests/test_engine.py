@@ -53,7 +53,7 @@ def _run(engine: Engine, requests: list[GenerationRequest], stagger: int = 0) ->
     sinks = [Collect() for _ in requests]
     pending = list(zip(requests, sinks, strict=True))
     steps = 0
-    while pending or engine.active or not engine.inbox.empty() or engine.waiting:
+    while pending or engine.active or not engine.inbox.empty() or engine.waiting or engine.prefilling:
         if pending and steps % (stagger + 1) == 0:
             request, sink = pending.pop(0)
             engine.submit(request, sink)
@@ -144,3 +144,68 @@ def test_a_sparse_policy_engine_equals_generate_with_that_policy(kind):
     sinks = _run(Engine(model, max_batch_size=2, context=context), requests, stagger=1)
     assert [[sink.tokens] for sink in sinks] == expected
     assert expected != dense  # the policy changed something, so the equality above means something
+
+
+@pytest.mark.parametrize("positions,window", [("rope", 0), ("learned", 0), ("rope", 4)])
+def test_chunked_prefill_in_the_shared_batch_equals_each_sequence_alone(positions, window):
+    """A context that only sets prefill_chunk keeps the shared batch: prompts longer than the chunk are prefilled
+    4 positions per step while the others decode, and every sequence still gets exactly its own tokens."""
+    from tetra.infer.context import ContextOptions
+
+    model = _model(positions, window)
+    prompts = PROMPTS + [[(5 * j) % (VOCAB - 3) + 3 for j in range(23)], [(3 * j + 1) % (VOCAB - 3) + 3
+                                                                          for j in range(14)]]
+    expected = [generate_ids(model, [prompt], 9) for prompt in prompts]
+    engine = Engine(model, max_batch_size=3, context=ContextOptions(prefill_chunk=4))
+    assert engine.context is None and engine.prefill_chunk == 4
+    sinks = _run(engine, [GenerationRequest(prompt, 9) for prompt in prompts], stagger=1)
+    assert [[sink.tokens] for sink in sinks] == expected
+    assert all(sink.reason == "length" for sink in sinks)
+
+
+def test_chunked_prefill_of_prompts_admitted_together_in_mixed_lengths():
+    """One right-padded group whose rows end in different chunks (a short one first): each row leaves the group
+    when its prompt is through, and the rest keep their own tokens."""
+    from tetra.infer.context import ContextOptions
+
+    model = _model()
+    prompts = [[44, 3], [(5 * j) % (VOCAB - 3) + 3 for j in range(23)], [70, 71, 72, 73, 74, 75, 76],
+               [(3 * j + 1) % (VOCAB - 3) + 3 for j in range(14)]]
+    expected = [generate_ids(model, [prompt], 6) for prompt in prompts]
+    engine = Engine(model, max_batch_size=4, context=ContextOptions(prefill_chunk=4))
+    sinks = [Collect() for _ in prompts]
+    for prompt, sink in zip(prompts, sinks, strict=True):
+        engine.submit(GenerationRequest(prompt, 6), sink)
+    while engine.active or engine.prefilling or not engine.inbox.empty():
+        engine.step()
+    assert [[sink.tokens] for sink in sinks] == expected
+
+
+def test_running_sequences_keep_decoding_while_a_long_prompt_prefills():
+    from tetra.infer.context import ContextOptions
+
+    engine = Engine(_model(), max_batch_size=2, context=ContextOptions(prefill_chunk=4))
+    running, arriving = Collect(), Collect()
+    engine.submit(GenerationRequest([5, 6, 7], 30), running)
+    engine.step()
+    assert len(running.tokens) == 1
+    engine.submit(GenerationRequest([(3 * j) % (VOCAB - 3) + 3 for j in range(22)], 5), arriving)
+    for step in range(1, 7):  # 22 prompt positions in chunks of 4: the first token comes with the 6th chunk
+        engine.step()
+        assert len(running.tokens) == 1 + step
+        assert len(arriving.tokens) == (1 if step == 6 else 0)
+    assert not engine.prefilling
+
+
+def test_a_cancelled_request_leaves_while_its_prompt_prefills():
+    from tetra.infer.context import ContextOptions
+
+    engine = Engine(_model(), max_batch_size=1, context=ContextOptions(prefill_chunk=4))
+    first, second = Collect(), Collect()
+    ticket = engine.submit(GenerationRequest(list(range(3, 23)), 5), first)
+    engine.submit(GenerationRequest([5, 6], 3), second)
+    engine.step()
+    ticket.cancel()
+    sinks = _run(engine, [])
+    assert first.reason == "cancelled" and not first.tokens
+    assert second.reason == "length" and len(second.tokens) == 3 and sinks == []

@@ -7,6 +7,7 @@ TokenSink (what the engine reports back: prompt scores, each token, the end).
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import sys
 import threading
@@ -68,6 +69,20 @@ class _Job:
     cache: KVCache | None = None  # its own cache, when the engine decodes with a sparse attention policy
 
 
+@dataclass
+class _Prefill:
+    """Sequences admitted together whose prompts are prefilled `Engine.prefill_chunk` positions per engine step."""
+
+    jobs: list[_Job]  # those whose prompt is not yet through: each is longer than `done`
+    tokens: torch.Tensor  # the prompts of the jobs admitted together, right-padded [admitted, longest]
+    rows: list[int]  # each job's row of tokens
+    done: int = 0  # positions prefilled so far
+
+    def remove(self, job: _Job) -> None:
+        index = self.jobs.index(job)
+        del self.jobs[index], self.rows[index]
+
+
 class Ticket:
     """A handle on a submitted request; cancel() ends it before its next token (a client that went away)."""
 
@@ -82,9 +97,11 @@ class Engine:
     """Batched KV-cache decoding over a fixed number of slots. continuous=False is static batching: a batch is
     formed only when the previous one has entirely finished (the baseline continuous batching is measured against).
 
-    context (a sparse attention policy, chunked prefill, a cache elsewhere): every sequence then gets its own cache
-    of that policy and is prefilled and decoded on its own (policies keep per-sequence state such as H2O's
-    evictions); requests still join and leave between steps.
+    context (a sparse attention policy, a cache elsewhere): every sequence then gets its own cache of that policy
+    and is prefilled and decoded on its own (policies keep per-sequence state such as H2O's evictions); requests
+    still join and leave between steps. A context that only sets prefill_chunk keeps the shared batch and prefills
+    a long prompt one chunk per engine step, between the decode steps of the sequences already running, so an
+    arrival does not stall their tokens for its whole prompt (chunked prefill).
     """
 
     def __init__(self, model: Transformer, max_batch_size: int = 8, max_length: int | None = None,
@@ -93,6 +110,12 @@ class Engine:
         self.device = model.embed.weight.device
         self.max_length = max_length or model.config.max_position_embeddings
         self.continuous = continuous
+        # Chunked prefill in the shared batch: dense attention, the model's cache; abacus models, whose digit
+        # positions continue across a prompt, prefill whole.
+        chunk = context.prefill_chunk if context is not None else 0
+        self.prefill_chunk = 0
+        if chunk and dataclasses.replace(context, prefill_chunk=0) == ContextOptions() and model.abacus is None:
+            self.prefill_chunk, context = chunk, None
         self.context = context if context is not None and context != ContextOptions() else None
         self.slots = max_batch_size
         # With context options every job owns a policy cache; the shared slot cache is then never used.
@@ -101,6 +124,7 @@ class Engine:
         self.inbox: queue.Queue[_Job] = queue.Queue()
         self.waiting: deque[_Job] = deque()
         self.active: dict[int, _Job] = {}
+        self.prefilling: deque[_Prefill] = deque()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -137,7 +161,7 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            if not self.active and not self.waiting:
+            if not self.active and not self.waiting and not self.prefilling:
                 try:
                     self.waiting.append(self.inbox.get(timeout=IDLE_WAIT_S))
                 except queue.Empty:
@@ -155,17 +179,26 @@ class Engine:
         for slot, job in list(self.active.items()):
             if job.cancelled:
                 self._finish(slot, "cancelled")
-        if self.continuous or not self.active:
+        for group in self.prefilling:
+            for job in [job for job in group.jobs if job.cancelled]:
+                group.remove(job)
+                job.sink.finished("cancelled", None)
+        while self.prefilling and not self.prefilling[0].jobs:
+            self.prefilling.popleft()
+        if self.continuous or not (self.active or self.prefilling):
             self._admit()
+        if self.prefilling:
+            self._prefill_next_chunk()
         if not self.active:
-            return False
+            return bool(self.prefilling)
         self._decode()
         return True
 
     def _admit(self) -> None:
         """Give waiting requests the free slots and prefill them: those scoring their prompt one by one, the
         others in one right-padded forward pass (a burst of arrivals costs one prefill, not one each)."""
-        free = [slot for slot in range(self.slots) if slot not in self.active]
+        held = set(self.active) | {job.slot for group in self.prefilling for job in group.jobs}
+        free = [slot for slot in range(self.slots) if slot not in held]
         joining = []
         while free and self.waiting:
             job = self.waiting.popleft()
@@ -179,6 +212,11 @@ class Engine:
         alone = scoring + plain if self.context else scoring
         together = [] if self.context or not plain else [plain]
         for group in [[job] for job in alone] + together:
+            longest = max(len(job.request.prompt_ids) for job in group)
+            if self.prefill_chunk and not group[0].request.score_prompt and longest > self.prefill_chunk:
+                prompts = [job.request.prompt_ids for job in group]
+                self.prefilling.append(_Prefill(group, right_pad(prompts, self.device), list(range(len(group)))))
+                continue
             try:
                 self._prefill(group)
             except Exception as error:  # one bad request must not take the engine down
@@ -187,10 +225,43 @@ class Engine:
                     job.sink.finished("error", error)
                 continue
             for job in group:
-                if job.request.max_new_tokens == 0:
-                    job.sink.finished("length", None)
-                else:
-                    self.active[job.slot] = job
+                self._activate(job)
+
+    def _activate(self, job: _Job) -> None:
+        """A prefilled sequence joins the decode batch (or ends, when it asked for no new tokens)."""
+        if job.request.max_new_tokens == 0:
+            job.sink.finished("length", None)
+        else:
+            self.active[job.slot] = job
+
+    def _prefill_next_chunk(self) -> None:
+        """Prefill the next prefill_chunk positions of the oldest group still prefilling (the sequences whose prompt
+        reaches that far); a sequence whose prompt ends in this chunk gets its first logits and joins the decode
+        batch."""
+        group = self.prefilling[0]
+        start, end = group.done, group.done + self.prefill_chunk
+        jobs = list(group.jobs)
+        try:
+            view = self.cache.prefill_view([job.slot for job in jobs])
+            hidden = self.model(group.tokens[group.rows, start:end], kv_cache=view, cache_start=start,
+                                hidden_only=True)
+            ending = [row for row, job in enumerate(jobs) if len(job.request.prompt_ids) <= end]
+            last = torch.tensor([len(jobs[row].request.prompt_ids) - 1 - start for row in ending], device=self.device)
+            logits = self.model.head(hidden[ending, last]).float() if ending else None
+        except Exception as error:  # one bad request must not take the engine down
+            traceback.print_exc(file=sys.stderr)
+            self.prefilling.popleft()
+            for job in group.jobs:
+                job.sink.finished("error", error)
+            return
+        group.done = end
+        for index, row in enumerate(ending):
+            job = jobs[row]
+            job.pending, job.position = logits[index], len(job.request.prompt_ids)
+            group.remove(job)
+            self._activate(job)
+        if not group.jobs:
+            self.prefilling.popleft()
 
     def _prefill(self, jobs: list[_Job]) -> None:
         if self.context:
