@@ -36,7 +36,8 @@ def add_context_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--loki", metavar="FILE", help="loki: the calibration (default: loki.safetensors beside the "
                                                       "model, as `tetra loki calibrate` writes it)")
     group.add_argument("--prefill-chunk", type=int, default=0, metavar="TOKENS",
-                       help="prefill the prompt this many tokens at a time (bounds activation memory; 0 = at once)")
+                       help="prefill the prompt this many tokens at a time (bounds activation memory; in tetra "
+                            "serve, one chunk per decode step of the running batch; 0 = at once)")
     group.add_argument("--kv-dtype", default="auto", choices=list(KV_DTYPES), help="KV cache dtype (auto: model's)")
     group.add_argument("--kv-device", default=None, help="where the KV cache lives, e.g. cpu (default: model's)")
 
