@@ -89,7 +89,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_low: torch.Tensor, sin_high:
 
 class _Rotary(torch.autograd.Function):
     """Rotary positions with a hand-written backward: the rotation's transpose is the rotation by -angle, so the
-    gradient takes the same three passes as the forward and autograd keeps only cos and sin (no copies of x)."""
+    gradient is computed like the forward and autograd keeps only cos and sin (no copies of x)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -108,12 +108,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate [B, H, T, D] by position (the half-split convention Llama checkpoints are stored in); cos and sin are
     [B, T, D]."""
     cos, sin = cos[:, None], sin[:, None]
-    if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad):
-        if cos.requires_grad or sin.requires_grad:  # differentiable tables: leave it to autograd
-            half = x.shape[-1] // 2
-            return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    if torch.is_grad_enabled() and x.requires_grad and not (cos.requires_grad or sin.requires_grad):
         return _Rotary.apply(x, cos, sin)
-    half = x.shape[-1] // 2
+    half = x.shape[-1] // 2  # no gradient, or differentiable tables: autograd follows _rotate itself
     return _rotate(x, cos, sin[..., :half], sin[..., half:])
 
 

@@ -93,8 +93,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
             if ctx.needs_input_grad[1] else None
-        # A narrow GEMM dtype's chunk products land in one reused buffer and are added to the fp32 sum from there:
-        # a fresh fp32 copy of a [vocabulary, width] product per chunk costs more than the GEMM on CPU.
+        # A narrow GEMM dtype's chunk products land in one reused buffer (no fresh [vocabulary, width] allocation
+        # per chunk) and are converted as they are added to the fp32 sum; an fp32 GEMM adds in place (addmm_).
         product = torch.empty_like(weight) if grad_weight is not None and weight.dtype != torch.float32 else None
         for start in range(0, hidden.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
