@@ -34,15 +34,22 @@ def main() -> None:
     measured_profile = calibrate(args.world, torch.device("cpu"))
     # fp32 runs: the fp32 GEMM throughput each process sustains while all of them compute
     fp32_gemm = measured_profile["step_costs"]["concurrent_gemm_flops_float32"]
-    machine = dataclasses.replace(MachineProfile(**measured_profile["profile"]), gemm_flops=fp32_gemm)
+    profile = measured_profile["profile"]
+    latency_by_group = tuple((size, seconds) for size, seconds in profile["collective_latency_by_group"])
+    machine = dataclasses.replace(MachineProfile(**{**profile, "collective_latency_by_group": latency_by_group}),
+                                  gemm_flops=fp32_gemm)
     rows = measure_grids(args)
     config = ModelConfig(vocab_size=args.vocab, hidden_size=args.width, n_layers=args.layers, n_heads=args.heads,
                          intermediate_size=4 * args.width, max_position_embeddings=args.seq)
     for row in rows:
-        row["predicted_ms"] = 1000 * predict(config, GridShape(**row["grid"]), args.batch, args.seq, machine,
+        shape = GridShape(**row["grid"])
+        # each batch rank runs its sequences as args.accumulation micro-batches, as parallel_grids measured them
+        micro_batch = max(args.batch // (shape.data * shape.depth * args.accumulation), 1)
+        row["predicted_ms"] = 1000 * predict(config, shape, args.batch, args.seq, machine, micro_batch=micro_batch,
                                              value_bytes=4, regather=args.regather).step_time
+    latencies = ", ".join(f"{seconds * 1e6:.0f} us on {size}" for size, seconds in machine.collective_latency_by_group)
     print(f"machine: {machine.gemm_flops / 1e9:.0f} GFLOP/s fp32 GEMM, {machine.intra_node_bandwidth / 1e9:.2f} GB/s "
-          f"all-reduce bus bandwidth, {machine.collective_latency * 1e6:.0f} us latency, "
+          f"all-reduce bus bandwidth, latency {latencies}, "
           f"{machine.overlap_efficiency:.0%} overlap efficiency, {machine.memory_bandwidth / 1e9:.1f} GB/s memory, "
           f"{machine.layer_overhead * 1e3:.2f} ms per layer and {machine.step_overhead * 1e3:.2f} ms per step fixed "
           f"({args.world} gloo processes on {os.cpu_count()} cores)")

@@ -96,6 +96,35 @@ def test_every_collective_call_pays_the_latency():
     assert slow.collectives["depth"] == fast.collectives["depth"] == 0  # no depth group, no calls
 
 
+def test_latency_follows_the_measured_group_size(tmp_path):
+    flat = dataclasses.replace(MachineProfile.load("dgx-h100"), collective_latency=1.0)
+    measured = dataclasses.replace(flat, collective_latency_by_group=((2, 1e-4), (4, 6e-4)))
+    assert flat.latency(8) == 1.0  # nothing measured: one figure for every group
+    assert measured.latency(2) == 1e-4 and measured.latency(4) == 6e-4
+    assert measured.latency(8) == pytest.approx(6e-4 * 7 / 3)  # beyond the largest measured: a ring's (g - 1)
+
+    def collectives(machine: MachineProfile, shape: GridShape) -> dict[str, float]:
+        return predict(LLAMA_8B, shape, 64, 2048, machine, overlap=False).collectives
+
+    no_latency = dataclasses.replace(flat, collective_latency=0.0)
+    for shape in (GridShape(row=2, col=2, data=2), GridShape(row=4, col=2), GridShape(depth=2, col=4)):
+        base, counted, charged = (collectives(m, shape) for m in (no_latency, flat, measured))
+        for dimension in ("col", "row", "depth", "data"):
+            calls = counted[dimension] - base[dimension]  # at 1 s per call: the number of calls
+            size = getattr(shape, dimension)
+            expected = calls * measured.latency(size) if size > 1 else 0.0
+            assert charged[dimension] - base[dimension] == pytest.approx(expected)
+    keys = {"name": '"node"', "devices_per_node": 4, "memory_gb": 16.0, "peak_flops": 1e12, "gemm_flops": 5e11,
+            "intra_node_bandwidth": 1e9, "inter_node_bandwidth": 1e9}
+    profile = tmp_path / "node.toml"
+    text = "".join(f"{key} = {value}\n" for key, value in keys.items())
+    profile.write_text(text + "collective_latency_by_group = [[2, 1e-4], [4, 6e-4]]\n")
+    assert MachineProfile.load(str(profile)).latency(4) == 6e-4
+    profile.write_text(text + "collective_latency_by_group = [2, 4]\n")
+    with pytest.raises(ConfigError, match=r"list of \[ranks, seconds\] pairs"):
+        MachineProfile.load(str(profile))
+
+
 def test_overlap_hides_only_the_background_collectives_up_to_their_compute_window():
     machine = MachineProfile.load("perlmutter")
     shape = GridShape(data=8, depth=2, row=4)
@@ -142,6 +171,8 @@ def test_calibrate_writes_a_profile_that_plan_reads(tmp_path, capsys):
     assert machine.devices_per_node == 2 and machine.gemm_flops > 1e9 and machine.intra_node_bandwidth > 1e6
     assert 0.0 <= machine.overlap_efficiency <= 1.0 and "overlap_efficiency" in profile.read_text()
     assert machine.memory_bandwidth > 1e8 and machine.layer_overhead > 0 and machine.step_overhead > 0
+    assert [size for size, _ in machine.collective_latency_by_group] == [2]
+    assert 0 < machine.latency(2) < 1.0 and machine.latency(2) == machine.collective_latency
     capsys.readouterr()
     assert main(["plan", "--model", "tiny", "--devices", "2", "--machine", str(profile), "--global-batch", "4",
                  "--seq", "64", "--json"]) == 0

@@ -44,8 +44,10 @@ def run(args: argparse.Namespace) -> int:
         print_json(result)
     else:
         profile = result["profile"]
+        latencies = ", ".join(f"{seconds * 1e6:.0f} us on {size}"
+                              for size, seconds in profile["collective_latency_by_group"]) or "not measured"
         print(f"wrote {out}: bf16 GEMM {profile['gemm_flops'] / 1e12:.2f} TFLOP/s, all-reduce bus bandwidth "
               f"{profile['intra_node_bandwidth'] / 1e9:.2f} GB/s and latency "
-              f"{profile['collective_latency'] * 1e6:.0f} us over {args.processes} processes; "
+              f"{latencies} (ranks per group) over {args.processes} processes; "
               f"{100 * profile['overlap_efficiency']:.0f}% of an all-reduce hides behind a GEMM")
     return 0

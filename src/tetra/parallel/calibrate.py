@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 
 import torch
@@ -64,10 +65,7 @@ def _collective_worker(rank: int, world: int, port: int, backend: str, out: str)
                              "all_reduce_bus_bandwidth": 2 * (size - 1) / size * message / reduce_s,
                              "all_gather_bus_bandwidth": (size - 1) * message / gather_s})
             dist.barrier()
-        tiny = torch.ones(1, device=device)
-        if rank < size:  # latency: the time of an all-reduce too small to be limited by bandwidth
-            latency = _timed(lambda t=tiny, g=group: dist.all_reduce(t, group=g), group, repeats=50)
-            rows.append({"group": size, "bytes": 4, "latency_s": latency})
+        rows.append({"group": size, "bytes": 4, "latency_s": _concurrent_latency(size, device)})
         dist.barrier()
         size *= 2
     rows.append({"group": world, "overlap_efficiency": _overlap_efficiency(device)})
@@ -76,6 +74,32 @@ def _collective_worker(rank: int, world: int, port: int, backend: str, out: str)
         with open(out, "w") as handle:
             json.dump(rows, handle)
     end_process_group()
+
+
+def _concurrent_latency(size: int, device: torch.device, calls: int = 100) -> float:
+    """Seconds of an all-reduce too small to be limited by bandwidth, on groups of `size` ranks while every rank
+    runs them in its own group at once (a grid's row or column groups work side by side). Each call is timed alone
+    and the median kept, averaged over the measuring ranks: on processes that share cores, a few calls wait
+    milliseconds for a descheduled peer and dominate a mean, where the median call is what a step's collectives
+    between its computations pay (it ranks measured grids better: benchmarks/planner_accuracy.py)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    groups = [dist.new_group(list(range(first, first + size))) for first in range(0, world - size + 1, size)]
+    mine = groups[rank // size] if rank // size < len(groups) else None
+    seconds = 0.0
+    if mine is not None:
+        tiny = torch.ones(1, device=device)
+        dist.all_reduce(tiny, group=mine)
+        dist.barrier(group=mine)
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            dist.all_reduce(tiny, group=mine)
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        seconds = statistics.median(times)
+    total = torch.tensor([seconds, float(mine is not None)], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return float(total[0] / total[1])
 
 
 def _synchronized(operation, device: torch.device):
@@ -191,6 +215,7 @@ def calibrate(processes: int, device: torch.device, name: str = "local") -> dict
     bandwidth = max((row["all_reduce_bus_bandwidth"] for row in largest if "all_reduce_bus_bandwidth" in row),
                     default=0.0)
     latency = min((row["latency_s"] for row in largest if "latency_s" in row), default=20e-6)
+    latency_by_group = [[row["group"], row["latency_s"]] for row in collectives if "latency_s" in row]
     efficiency = next((row["overlap_efficiency"] for row in collectives if "overlap_efficiency" in row), 1.0)
     costs = next((row for row in collectives if "layer_overhead" in row), None)
     if costs is None:  # one process: no worker group was started; measure here
@@ -205,6 +230,7 @@ def calibrate(processes: int, device: torch.device, name: str = "local") -> dict
     profile = {"name": name, "devices_per_node": processes, "memory_gb": round(memory_gb, 1),
                "peak_flops": best_gemm, "gemm_flops": sustained, "intra_node_bandwidth": bandwidth,
                "inter_node_bandwidth": bandwidth, "collective_latency": latency,
+               "collective_latency_by_group": latency_by_group,
                "overlap_efficiency": round(efficiency, 3), "memory_bandwidth": costs["memory_bandwidth"],
                "layer_overhead": costs["layer_overhead"], "step_overhead": costs["step_overhead"]}
     return {"profile": profile, "gemm": gemms, "collectives": collectives, "step_costs": costs}

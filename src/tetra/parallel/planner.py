@@ -39,6 +39,11 @@ class MachineProfile:
     # Shipped GPU profiles keep this default (NCCL small-message all-reduce inside a node is ~10-30 us);
     # `tetra calibrate` measures it.
     collective_latency: float = 20e-6
+    # Measured latency by group size, as (ranks, seconds) pairs: a tiny all-reduce on groups of that size while every
+    # rank runs one in its own group at once, as a grid's groups do. Sizes not measured scale by (ranks - 1) from
+    # the nearest measured size below (a ring takes 2 (ranks - 1) steps). Empty: collective_latency for any group.
+    # On oversubscribed CPUs the size matters: a group of 4 processes on 2 cores waits about 3x as long as a pair.
+    collective_latency_by_group: tuple[tuple[int, float], ...] = ()
     # Share of a collective that can hide behind computation when they overlap. GPUs run collectives on their own
     # streams and links, so shipped profiles keep 1.0; processes that share CPU cores with gloo's threads hide far
     # less. `tetra calibrate` measures it (an all-reduce beside a GEMM of the same length).
@@ -71,7 +76,23 @@ class MachineProfile:
         if missing:
             raise ConfigError(f"{path} is not a machine profile: it lacks {', '.join(missing)}.")
         # Other tables (raw measurements) are kept in the file for people.
-        return cls(**{key: values[key] for key in known if key in values})
+        fields = {key: values[key] for key in known if key in values}
+        try:
+            fields["collective_latency_by_group"] = tuple(
+                (int(size), float(seconds)) for size, seconds in fields.get("collective_latency_by_group", ()))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}: collective_latency_by_group must be a list of [ranks, seconds] pairs, "
+                              "e.g. [[2, 3e-4], [4, 1e-3]].") from None
+        return cls(**fields)
+
+    def latency(self, ranks: int) -> float:
+        """Seconds one collective call on a group of `ranks` costs even when tiny."""
+        measured = sorted(self.collective_latency_by_group)
+        if not measured:
+            return self.collective_latency
+        below = [pair for pair in measured if pair[0] <= ranks] or measured[:1]
+        size, seconds = below[-1]
+        return seconds if size == ranks else seconds * (ranks - 1) / max(size - 1, 1)
 
 
 @dataclass(frozen=True)
@@ -154,8 +175,9 @@ class Prediction:
 
 def _add_calls(prediction: Prediction, dimension: str, calls: float, machine: MachineProfile) -> None:
     """The fixed cost of `calls` collectives on a group (none when the group is a single rank)."""
-    if getattr(prediction.shape, dimension) > 1:
-        prediction.collectives[dimension] += calls * machine.collective_latency
+    ranks = getattr(prediction.shape, dimension)
+    if ranks > 1:
+        prediction.collectives[dimension] += calls * machine.latency(ranks)
 
 
 def _add_gemm(prediction: Prediction, gemm: Gemm, tokens: float, micro_steps: int, machine: MachineProfile,
