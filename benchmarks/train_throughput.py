@@ -1,6 +1,7 @@
 """Training throughput: tetra's loop vs a plain PyTorch loop over transformers' LlamaForCausalLM, same process.
 
 Run: python benchmarks/train_throughput.py [--layers 6 --width 384 --seq 256 --batch 8 --steps 20] [--no-compile]
+     [--default-allocator]
 Both train the same Llama shape on the same batches (the Python standard library, tokenized here), taking turns
 step by step. Prints tokens/s, MFU (of the GEMM peak measured here at each row's precision, or the datasheet's on a
 known GPU) and the speed ratio against transformers under bf16 autocast (tetra's precision on CPU). Rows: tetra
@@ -41,6 +42,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--precision", default="auto", help="tetra's train.precision")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="skip the torch.compile rows (they need a C++ compiler on CPU)")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="train.keep_freed_memory=false: leave glibc's allocator as it is (process-wide, so "
+                             "for both engines; compare two runs)")
     return parser.parse_args()
 
 
@@ -105,7 +109,8 @@ def main() -> None:
             config = build_run_config({
                 "model": model_keys, "data": {"path": str(data), "seq_len": args.seq},
                 "train": {"batch_size": args.batch, "max_steps": 1000, "warmup_steps": 10,
-                          "precision": args.precision, "compile": compiled},
+                          "precision": args.precision, "compile": compiled,
+                          "keep_freed_memory": not args.default_allocator},
                 "run": {"dir": str(Path(scratch) / f"run-{compiled}"), "device": args.device}})
             loop, _ = build_loop(config, model_keys)
             label = "tetra + compile" if compiled else "tetra"

@@ -130,6 +130,9 @@ class TrainConfig:
     # of every block only), false / "none".
     activation_checkpointing: bool | str = False
     compile: bool = False  # torch.compile the model
+    # CPU (glibc): keep freed memory for reuse instead of page-faulting it in again every step (about 7% faster
+    # steps; the process holds its peak memory). Process-wide.
+    keep_freed_memory: bool = True
     seed: int = 0  # initialization and dropout seed
     goldfish: GoldfishConfig = field(default_factory=GoldfishConfig)  # memorization-safe loss (off by default)
     neftune: NEFTuneConfig = field(default_factory=NEFTuneConfig)  # noisy embeddings for fine-tuning (off)

@@ -22,6 +22,7 @@ from tetra.data.batch import Batch, as_batch
 from tetra.data.loader import PackedBatches
 from tetra.data.packing import DocumentBatches
 from tetra.data.shards import PreparedData
+from tetra.devices import keep_freed_memory
 from tetra.errors import ConfigError, DataError
 from tetra.model import Transformer
 from tetra.model.io import read_model_config
@@ -162,6 +163,8 @@ def build_loop(config: RunConfig, explicit_model: dict[str, Any]) -> tuple[Loop,
     if config.parallel.auto:
         config = _with_auto_grid(config, explicit_model, data)
     grid, device = start_distributed(config)
+    if config.train.keep_freed_memory:  # CPU: buffers reused every step stay mapped instead of faulting in again
+        keep_freed_memory(device)
     strategy = config.parallel.strategy if grid is not None else "4d"
     replica = Replica(grid, zero1=config.parallel.zero1, strategy=strategy)
     train_batches, val_batches = _open_batches(config, data, replica)
