@@ -108,6 +108,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate [B, H, T, D] by position (the half-split convention Llama checkpoints are stored in); cos and sin are
     [B, T, D]."""
     cos, sin = cos[:, None], sin[:, None]
+    if torch.compiler.is_compiling():  # the textbook form, which the compiler fuses into one kernel each way
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
     if torch.is_grad_enabled() and x.requires_grad and not (cos.requires_grad or sin.requires_grad):
         return _Rotary.apply(x, cos, sin)
     half = x.shape[-1] // 2  # no gradient, or differentiable tables: autograd follows _rotate itself
