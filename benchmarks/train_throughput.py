@@ -42,6 +42,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--precision", default="auto", help="tetra's train.precision")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="skip the torch.compile rows (they need a C++ compiler on CPU)")
+    parser.add_argument("--no-fp32", dest="fp32", action="store_false",
+                        help="skip the transformers fp32 row (a third copy of the model's training state)")
     parser.add_argument("--default-allocator", action="store_true",
                         help="train.keep_freed_memory=false: leave glibc's allocator as it is (process-wide, so "
                              "for both engines; compare two runs)")
@@ -119,7 +121,8 @@ def main() -> None:
         hf_config = LlamaConfig(vocab_size=loop.model.config.vocab_size, hidden_size=args.width,
                                 intermediate_size=intermediate, num_hidden_layers=args.layers,
                                 num_attention_heads=args.heads, max_position_embeddings=args.seq)
-        variants = [("transformers fp32", False, False), ("transformers bf16 autocast", True, False)]
+        variants = [("transformers fp32", False, False)] if args.fp32 else []
+        variants.append(("transformers bf16 autocast", True, False))
         if args.compile:
             variants.append(("transformers bf16 autocast + compile", True, True))
         for label, autocast, compiled in variants:
