@@ -34,10 +34,7 @@ def main() -> None:
     measured_profile = calibrate(args.world, torch.device("cpu"))
     # fp32 runs: the fp32 GEMM throughput each process sustains while all of them compute
     fp32_gemm = measured_profile["step_costs"]["concurrent_gemm_flops_float32"]
-    profile = measured_profile["profile"]
-    latency_by_group = tuple((size, seconds) for size, seconds in profile["collective_latency_by_group"])
-    machine = dataclasses.replace(MachineProfile(**{**profile, "collective_latency_by_group": latency_by_group}),
-                                  gemm_flops=fp32_gemm)
+    machine = dataclasses.replace(MachineProfile(**measured_profile["profile"]), gemm_flops=fp32_gemm)
     rows = measure_grids(args)
     config = ModelConfig(vocab_size=args.vocab, hidden_size=args.width, n_layers=args.layers, n_heads=args.heads,
                          intermediate_size=4 * args.width, max_position_embeddings=args.seq)

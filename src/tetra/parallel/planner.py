@@ -76,21 +76,23 @@ class MachineProfile:
         if missing:
             raise ConfigError(f"{path} is not a machine profile: it lacks {', '.join(missing)}.")
         # Other tables (raw measurements) are kept in the file for people.
-        fields = {key: values[key] for key in known if key in values}
         try:
-            fields["collective_latency_by_group"] = tuple(
-                (int(size), float(seconds)) for size, seconds in fields.get("collective_latency_by_group", ()))
+            return cls(**{key: values[key] for key in known if key in values})
         except (TypeError, ValueError):
             raise ConfigError(f"{path}: collective_latency_by_group must be a list of [ranks, seconds] pairs, "
                               "e.g. [[2, 3e-4], [4, 1e-3]].") from None
-        return cls(**fields)
+
+    def __post_init__(self) -> None:
+        # TOML and `tetra calibrate` give lists of lists; kept as sorted (ranks, seconds) tuples
+        pairs = sorted((int(size), float(seconds)) for size, seconds in self.collective_latency_by_group)
+        object.__setattr__(self, "collective_latency_by_group", tuple(pairs))
 
     def latency(self, ranks: int) -> float:
         """Seconds one collective call on a group of `ranks` costs even when tiny."""
-        measured = sorted(self.collective_latency_by_group)
+        measured = self.collective_latency_by_group
         if not measured:
             return self.collective_latency
-        below = [pair for pair in measured if pair[0] <= ranks] or measured[:1]
+        below = [pair for pair in measured if pair[0] <= ranks] or list(measured[:1])
         size, seconds = below[-1]
         return seconds if size == ranks else seconds * (ranks - 1) / max(size - 1, 1)
 
