@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tetra.train.chunked_loss import chunked_token_loss
+from tetra.train.chunked_loss import STORED_GRADIENT_BYTES, chunked_token_loss
 from tetra.train.losses import per_token_loss
 
 
@@ -21,11 +21,12 @@ def _case(frozen: bool, dtype: torch.dtype = torch.float64):
     return hidden, weight, labels, upstream
 
 
-@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("frozen,stored_bytes", [(False, 0), (False, STORED_GRADIENT_BYTES), (True, 0)])
 @pytest.mark.parametrize("chunk", [1, 13, 1024])
-def test_equals_full_logits(frozen, chunk):
+def test_equals_full_logits(frozen, stored_bytes, chunk):
+    """A trained head is checked both ways: softmax - onehot kept by the forward pass, and recomputed (0 bytes)."""
     hidden, weight, labels, upstream = _case(frozen)
-    losses = chunked_token_loss(hidden, weight, labels, chunk)
+    losses = chunked_token_loss(hidden, weight, labels, chunk, stored_bytes)
     (losses * upstream).sum().backward()
     chunked = (hidden.grad.clone(), None if frozen else weight.grad.clone())
     hidden.grad = weight.grad = None
@@ -88,15 +89,23 @@ def test_cpu_chunks_keep_their_fp32_logits_small():
     assert chunk_rows(49152, torch.device("meta")) == DEFAULT_CHUNK
 
 
-def test_an_fp32_head_gets_an_fp32_gradient_under_autocast():
-    """The head's gradient is summed over chunks in fp32 and handed back in the head's dtype, not rounded to bf16 on
-    the way (each chunk's bf16 GEMM result is, as nn.Linear's would be)."""
+@pytest.mark.parametrize("stored_bytes", [0, STORED_GRADIENT_BYTES])
+def test_an_fp32_head_gets_an_fp32_gradient_under_autocast(stored_bytes):
+    """The head's gradient comes back in the head's dtype, and no less accurate than nn.Linear's under the same
+    autocast (whose bf16 GEMM rounds it once): summed over chunks in fp32, or out of one GEMM when kept."""
     hidden, weight, labels, upstream = _case(frozen=False, dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        losses = chunked_token_loss(hidden, weight, labels, chunk_tokens=13)
+        losses = chunked_token_loss(hidden, weight, labels, chunk_tokens=13, stored_bytes=stored_bytes)
     (losses * upstream).sum().backward()
-    assert weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.float32
-    assert not torch.equal(weight.grad, weight.grad.bfloat16().float())
+    chunked = weight.grad.clone()
+    assert chunked.dtype == torch.float32 and hidden.grad.dtype == torch.float32
+    weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = per_token_loss(torch.nn.functional.linear(hidden, weight), labels)
+    (reference * upstream).sum().backward()
+    exact_hidden, exact_weight = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    (per_token_loss(exact_hidden @ exact_weight.t(), labels) * upstream.double()).sum().backward()
+    assert (chunked - exact_weight.grad).abs().max() <= (weight.grad - exact_weight.grad).abs().max()
 
 
 def test_a_frozen_head_runs_one_logits_gemm_per_chunk_in_forward():
@@ -109,3 +118,16 @@ def test_a_frozen_head_runs_one_logits_gemm_per_chunk_in_forward():
         chunked_token_loss(hidden, weight, labels, chunk_tokens=13)
     tokens = int((labels != -100).sum())
     assert counter.get_total_flops() == 2 * (2 * tokens * weight.shape[0] * weight.shape[1])
+
+
+@pytest.mark.parametrize("stored_bytes,gemms", [(STORED_GRADIENT_BYTES, 3), (0, 4)])
+def test_a_trained_head_recomputes_logits_only_when_they_are_not_kept(stored_bytes, gemms):
+    """Forward and backward of a trained head: logits, hidden gradient and head gradient (three GEMMs of the head's
+    size) when softmax - onehot fits the budget; a fourth (the logits again) when it must be recomputed."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    hidden, weight, labels, _ = _case(frozen=False)
+    with FlopCounterMode(display=False) as counter:
+        chunked_token_loss(hidden, weight, labels, chunk_tokens=13, stored_bytes=stored_bytes).sum().backward()
+    tokens = int((labels != -100).sum())
+    assert counter.get_total_flops() == gemms * (2 * tokens * weight.shape[0] * weight.shape[1])

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tetra.model.config import ModelConfig
+from tetra.model.cpu_attention import training_attention
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -22,6 +23,10 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     if q.shape[2] == 1 and q.device.type == "cpu" and dropout_p == 0.0:
         return _one_query_attention(q, k, v, mask)
     causal = mask is None and q.shape[2] > 1 and k.shape[2] == q.shape[2]
+    if mask is None and dropout_p == 0.0:
+        out = training_attention(q, k, v, causal)
+        if out is not None:
+            return out
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p,
                                           enable_gqa=k.shape[1] != q.shape[1])
 

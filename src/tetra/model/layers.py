@@ -15,8 +15,37 @@ from tetra.model.config import ModelConfig, RopeScaling
 from tetra.model.kv_cache import KVCache, dense_attention
 
 
+class _TrainingRMSNorm(torch.autograd.Function):
+    """RMSNorm for training, written straight in the dtype the next GEMM reads (bf16 under autocast): three passes
+    over x forward (torch's CPU rms_norm is composite: five, and autocast's cast a sixth) and six backward, two of
+    them matrix-vector products (the weight gradient is rstd^T (g * x), the correction term (g * x) w), against
+    about twice as many for autograd through the composite and its cast. Math in fp32, one rounding at the end."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+        width = x.shape[-1]
+        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(width).add_(eps).rsqrt_()
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
+        torch.mul(x * rstd, weight, out=out)
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        width = x.shape[-1]
+        flat_x, flat_grad, flat_rstd = x.reshape(-1, width), grad.reshape(-1, width), rstd.reshape(-1)
+        grad_times_x = flat_grad * flat_x
+        grad_weight = flat_rstd.to(weight.dtype) @ grad_times_x.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        # d/dx of x * rstd * w: rstd * g * w - x * rstd^3 * <g * x, w> / width
+        correction = (grad_times_x @ weight.to(grad_times_x.dtype)).mul_(flat_rstd.pow(3)).div_(width)
+        grad_x = (flat_grad * weight).mul_(flat_rstd[:, None]).addcmul_(flat_x, correction[:, None], value=-1)
+        return grad_x.view(x.shape).to(x.dtype), grad_weight, None, None
+
+
 class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in fp32 (as Llama does) and cast back to the input dtype."""
+    """Root-mean-square norm computed in fp32 (as Llama does) and cast back to the input dtype; in training under
+    autocast it returns the autocast dtype directly, the one cast the next projection would make."""
 
     def __init__(self, width: int, eps: float) -> None:
         super().__init__()
@@ -24,6 +53,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+                and x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.float64)
+                and not torch.compiler.is_compiling()):  # compiled, the composite fuses into one kernel each way
+            autocast = torch.is_autocast_enabled(x.device.type)
+            return _TrainingRMSNorm.apply(x, self.weight, self.eps,
+                                          torch.get_autocast_dtype(x.device.type) if autocast else x.dtype)
         if x.dtype == torch.float32:  # torch's fused kernel: same math, fewer ops on the decode hot path
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype

@@ -8,6 +8,11 @@ gradient of token i's loss: a per-token scale. So when the head is frozen (LoRA)
 are recomputed. When the head trains, backward recomputes each chunk's logits (one more head GEMM) to form both
 gradients.
 
+When the head trains and softmax - onehot of every token fits STORED_GRADIENT_BYTES (in the GEMM dtype: 32 MiB
+for 2048 tokens of an 8k vocabulary in bf16), the forward pass keeps it, as for a frozen head: backward is then
+two whole-batch GEMMs, with no logits recomputed, no softmax and one head gradient written once instead of summed
+chunk by chunk in fp32 (the head's weight gradient comes out of one GEMM, as nn.Linear's does).
+
 Only tokens with a label go through the head (chat data masks prompts and padding, often most of a batch).
 
 Speed: the forward keeps each token's log-normalizer (logsumexp), so backward forms softmax - onehot with one
@@ -27,6 +32,7 @@ from tetra.data.batch import IGNORE_INDEX
 
 DEFAULT_CHUNK = 1024
 CPU_CHUNK_BYTES = 8 * 2**20  # one chunk's [rows, vocabulary] buffer, on CPU
+STORED_GRADIENT_BYTES = 64 * 2**20  # softmax - onehot of all tokens kept by the forward pass, at most
 
 
 def chunk_rows(vocabulary: int, device: torch.device, itemsize: int = 4) -> int:
@@ -59,6 +65,20 @@ def _softmax_minus_onehot(logits: torch.Tensor, target: torch.Tensor,
     return gradient
 
 
+def _loss_and_gradient(logits: torch.Tensor, target: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """Per-token losses of one chunk (fp32 statistics), writing its softmax - onehot into `gradient` (the GEMM
+    dtype, each value rounded once from fp32; the target column formed in fp32, as in _softmax_minus_onehot)."""
+    log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    picked = log_probs.gather(1, target[:, None])[:, 0]
+    torch.exp(log_probs, out=gradient)
+    flat_target = torch.arange(0, gradient.numel(), gradient.shape[1], device=target.device) + target
+    gradient.view(-1).index_copy_(0, flat_target, (picked.exp() - 1.0).to(gradient.dtype))
+    return -picked
+
+
+_NO_GRADIENTS = (None,) * 8  # forward's eight inputs
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Per-token losses of labelled tokens (labels never IGNORE_INDEX here) through the head, chunk by chunk. The
     GEMMs run in `dtype`; the gradients come back in the inputs' own dtypes (an fp32 head's gradient is summed in
@@ -66,28 +86,39 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
-                backward_chunk: int, eager_gradient: bool, dtype: torch.dtype) -> torch.Tensor:
+                backward_chunk: int, eager_gradient: bool, dtype: torch.dtype, stored_bytes: int) -> torch.Tensor:
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         statistics_dtype = torch.promote_types(dtype, torch.float32)
         losses = torch.empty(hidden.shape[0], dtype=statistics_dtype, device=hidden.device)
         log_normalizers = torch.empty_like(losses)
         unscaled = torch.empty_like(hidden) if eager_gradient else None
+        keep = not eager_gradient and ctx.needs_input_grad[1] and \
+            hidden.shape[0] * weight.shape[0] * weight.element_size() <= stored_bytes
+        stored = torch.empty(hidden.shape[0], weight.shape[0], dtype=dtype, device=hidden.device) if keep else None
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
             logits = hidden[rows] @ weight.t()
+            if stored is not None:
+                losses[rows] = _loss_and_gradient(logits, labels[rows], stored[rows])
+                continue
             losses[rows], log_normalizers[rows] = _statistics(logits, labels[rows])
             if unscaled is not None:
                 unscaled[rows] = _softmax_minus_onehot(logits, labels[rows], log_normalizers[rows]) @ weight
-        ctx.eager_gradient, ctx.chunk = eager_gradient, backward_chunk
-        ctx.save_for_backward(*((unscaled,) if eager_gradient else (hidden, weight, labels, log_normalizers)))
+        ctx.eager_gradient, ctx.chunk, ctx.stored = eager_gradient, backward_chunk, stored is not None
+        if stored is not None:
+            ctx.save_for_backward(hidden, weight, stored)
+        else:
+            ctx.save_for_backward(*((unscaled,) if eager_gradient else (hidden, weight, labels, log_normalizers)))
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses: torch.Tensor):
         if ctx.eager_gradient:
             (unscaled,) = ctx.saved_tensors
-            return (unscaled.float() * grad_losses[:, None]).to(ctx.hidden_dtype), None, None, None, None, None, None
+            return (unscaled.float() * grad_losses[:, None]).to(ctx.hidden_dtype), *_NO_GRADIENTS[1:]
+        if ctx.stored:
+            return _stored_backward(ctx, grad_losses)
         hidden, weight, labels, log_normalizers = ctx.saved_tensors
         grad_hidden = torch.empty(hidden.shape, dtype=ctx.hidden_dtype, device=hidden.device) \
             if ctx.needs_input_grad[0] else None
@@ -110,14 +141,24 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             else:
                 grad_weight += torch.mm(grad_logits.t(), scaled_piece, out=product)
         grad_weight = None if grad_weight is None else grad_weight.to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, *_NO_GRADIENTS[2:]
+
+
+def _stored_backward(ctx, grad_losses: torch.Tensor) -> tuple:
+    """Gradients from the kept softmax - onehot: one GEMM for the hidden states, one for the head."""
+    hidden, weight, stored = ctx.saved_tensors
+    scale = grad_losses.float()[:, None]
+    grad_hidden = ((stored @ weight).float() * scale).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
+    grad_weight = torch.mm(stored.t(), (hidden.float() * scale).to(hidden.dtype)).to(ctx.weight_dtype)
+    return grad_hidden, grad_weight, *_NO_GRADIENTS[2:]
 
 
 def chunked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                       chunk_tokens: int | None = None) -> torch.Tensor:
+                       chunk_tokens: int | None = None, stored_bytes: int = STORED_GRADIENT_BYTES) -> torch.Tensor:
     """Per-token cross-entropy of the head `weight` applied to `hidden`, shaped like labels. Under autocast the
     head GEMMs run in the autocast dtype (as nn.Linear would), the softmax statistics in fp32. chunk_tokens: tokens
-    per chunk (default: chunk_rows)."""
+    per chunk (default: chunk_rows). stored_bytes: the most a trained head's forward pass may keep of
+    softmax - onehot to skip recomputing it (0: always recompute, the least memory)."""
     dtype = torch.promote_types(hidden.dtype, weight.dtype)
     if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
@@ -127,11 +168,12 @@ def chunked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
     hidden, labels_flat = hidden.flatten(0, -2), labels.flatten()
     trained = (labels_flat != IGNORE_INDEX).nonzero()[:, 0]
     if len(trained) == len(labels_flat):
-        losses = _ChunkedLinearCrossEntropy.apply(hidden, weight, labels_flat, chunk, backward_chunk, eager, dtype)
+        losses = _ChunkedLinearCrossEntropy.apply(hidden, weight, labels_flat, chunk, backward_chunk, eager, dtype,
+                                                  stored_bytes)
         return losses.view(labels.shape)
     # Only trained tokens go through the head: in chat data most labels are masked (prompts, padding), and their
     # logits would be computed only to be multiplied by zero. The others' losses (and gradients) are exactly 0.
     picked = _ChunkedLinearCrossEntropy.apply(hidden.index_select(0, trained), weight, labels_flat[trained],
-                                              chunk, backward_chunk, eager, dtype)
+                                              chunk, backward_chunk, eager, dtype, stored_bytes)
     losses = picked.new_zeros(len(labels_flat)).index_copy(0, trained, picked)
     return losses.view(labels.shape)
