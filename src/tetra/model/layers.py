@@ -122,6 +122,20 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_low: torch.Tensor, sin_high:
     return out
 
 
+def _rotate_for_training(x: torch.Tensor, cos: torch.Tensor, sin_low: torch.Tensor,
+                         sin_high: torch.Tensor) -> torch.Tensor:
+    """_rotate in the wider of x's and the tables' dtypes (fp32 for bf16 activations under autocast, as the
+    mixed-dtype products promote): x is converted once and each half's product and sum is one fused multiply-add,
+    three passes where _rotate's mixed-dtype products take seven with their converted copies (the sum's last bit
+    may differ from _rotate's, which inference keeps bit-identical to transformers)."""
+    half = x.shape[-1] // 2
+    wide = x.to(torch.promote_types(x.dtype, cos.dtype))
+    out = wide * cos
+    out[..., :half].addcmul_(wide[..., half:], sin_low, value=-1)
+    out[..., half:].addcmul_(wide[..., :half], sin_high)
+    return out
+
+
 class _Rotary(torch.autograd.Function):
     """Rotary positions with a hand-written backward: the rotation's transpose is the rotation by -angle, so the
     gradient is computed like the forward and autograd keeps only cos and sin (no copies of x)."""
@@ -130,13 +144,13 @@ class _Rotary(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
         ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin[..., :half], sin[..., half:])
+        return _rotate_for_training(x, cos, sin[..., :half], sin[..., half:])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         cos, sin = ctx.saved_tensors
         half = grad.shape[-1] // 2
-        return _rotate(grad, cos, -sin[..., half:], -sin[..., :half]), None, None
+        return _rotate_for_training(grad, cos, -sin[..., half:], -sin[..., :half]), None, None
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
