@@ -53,12 +53,22 @@ def test_under_bf16_autocast_matches_the_linear_path():
     assert torch.allclose(chunked, hidden.grad, atol=2e-2, rtol=5e-2)
 
 
-def test_no_gradient_work_without_autograd():
-    hidden, weight, labels, _ = _case(frozen=True)
+@pytest.mark.parametrize("frozen", [False, True])
+def test_no_gradient_work_without_autograd(frozen, monkeypatch):
+    """Evaluation (no autograd) neither forms a frozen head's gradient nor keeps a trained head's softmax."""
+    from tetra.train import chunked_loss
+
+    kept = []
+    original = chunked_loss._loss_and_gradient
+    monkeypatch.setattr(chunked_loss, "_loss_and_gradient", lambda *args: kept.append(1) or original(*args))
+    hidden, weight, labels, _ = _case(frozen=frozen)
     with torch.no_grad():
         losses = chunked_token_loss(hidden, weight, labels)
     assert losses.grad_fn is None and torch.allclose(losses.double(),
                                                      per_token_loss(hidden @ weight.t(), labels).double(), atol=1e-6)
+    assert not kept
+    chunked_token_loss(hidden, weight, labels).sum().backward()
+    assert len(kept) == (0 if frozen else 1)
 
 
 def test_only_trained_tokens_reach_the_head(monkeypatch):
@@ -106,6 +116,8 @@ def test_an_fp32_head_gets_an_fp32_gradient_under_autocast(stored_bytes):
     exact_hidden, exact_weight = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     (per_token_loss(exact_hidden @ exact_weight.t(), labels) * upstream.double()).sum().backward()
     assert (chunked - exact_weight.grad).abs().max() <= (weight.grad - exact_weight.grad).abs().max()
+    if stored_bytes == 0:  # summed over chunks in fp32, not rounded to bf16 on the way
+        assert not torch.equal(chunked, chunked.bfloat16().float())
 
 
 def test_a_frozen_head_runs_one_logits_gemm_per_chunk_in_forward():

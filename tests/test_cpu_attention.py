@@ -44,6 +44,9 @@ def test_autocast_inputs_are_cast_and_other_cases_fall_back_to_sdpa():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert training_attention(q32, k, v.bfloat16(), True).dtype == torch.bfloat16
     assert training_attention(q32, k, v, True) is None  # fp32 without autocast: SDPA's fp32 kernel
+    assert training_attention(q32.bfloat16(), k.bfloat16(), v, True) is None  # mixed dtypes: SDPA decides
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast leaves fp64 alone, and so does this path
+        assert training_attention(q.double().requires_grad_(), k.double(), v.double(), True) is None
     with torch.no_grad():
         assert training_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), True) is None
     mask = torch.ones(2, 1, 37, 37, dtype=torch.bool).tril()

@@ -19,8 +19,8 @@ class _TrainingRMSNorm(torch.autograd.Function):
     """RMSNorm for training on CPU, written straight in the dtype the next GEMM reads (bf16 under autocast): three
     passes over x forward (torch's CPU rms_norm is composite: five, and autocast's cast a sixth) and six backward, two
     of them matrix-vector products (the weight gradient is rstd^T (g * x), the correction term (g * x) w), against
-    about twice as many for autograd through the composite and its cast. Math in fp32, one rounding at the end:
-    1.9 against 3.0 ms per call forward + backward at 2048 x 384 on the 2-core CI machine."""
+    about twice as many for autograd through the composite and its cast. Math in x's dtype (fp32 or fp64), one
+    rounding at the end: 1.9 against 3.0 ms per call forward + backward at 2048 x 384 on the 2-core CI machine."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
@@ -32,12 +32,14 @@ class _TrainingRMSNorm(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         x, weight, rstd = ctx.saved_tensors
         width = x.shape[-1]
         flat_x, flat_grad, flat_rstd = x.reshape(-1, width), grad.reshape(-1, width), rstd.reshape(-1)
         grad_times_x = flat_grad * flat_x
         grad_weight = flat_rstd.to(weight.dtype) @ grad_times_x.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        if not ctx.needs_input_grad[0]:
+            return None, grad_weight, None, None
         # d/dx of x * rstd * w: rstd * g * w - x * rstd^3 * <g * x, w> / width
         correction = (grad_times_x @ weight.to(grad_times_x.dtype)).mul_(flat_rstd.pow(3)).div_(width)
         grad_x = (flat_grad * weight).mul_(flat_rstd[:, None]).addcmul_(flat_x, correction[:, None], value=-1)
@@ -45,13 +47,16 @@ class _TrainingRMSNorm(torch.autograd.Function):
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in fp32 (as Llama does) and cast back to the input dtype; in training under
-    autocast it returns the autocast dtype directly, the one cast the next projection would make."""
+    """Root-mean-square norm computed in fp32 (as Llama does) and cast back to the input dtype. feeds_projection:
+    the output is only read by projections (a pre-norm), so in training under autocast an fp32 input's norm is
+    returned in the autocast dtype directly, the one cast those projections would make; a norm whose output is
+    the residual stream (a sandwich block's post-norm) or the final hidden state keeps the input's dtype."""
 
-    def __init__(self, width: int, eps: float) -> None:
+    def __init__(self, width: int, eps: float, feeds_projection: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(width))
         self.eps = eps
+        self.feeds_projection = feeds_projection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # CPU only: torch's CPU rms_norm is composite, while CUDA builds have a fused kernel (GPUs not measured
@@ -59,9 +64,9 @@ class RMSNorm(nn.Module):
         if (x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
                 and x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.float64)
                 and not torch.compiler.is_compiling()):
-            autocast = torch.is_autocast_enabled(x.device.type)
+            narrow = self.feeds_projection and x.dtype == torch.float32 and torch.is_autocast_enabled("cpu")
             return _TrainingRMSNorm.apply(x, self.weight, self.eps,
-                                          torch.get_autocast_dtype(x.device.type) if autocast else x.dtype)
+                                          torch.get_autocast_dtype("cpu") if narrow else x.dtype)
         if x.dtype == torch.float32:  # torch's fused kernel: same math, fewer ops on the decode hot path
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
@@ -70,10 +75,10 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def make_norm(config: ModelConfig) -> nn.Module:
-    """The norm the family uses: RMSNorm, or LayerNorm with a bias."""
+def make_norm(config: ModelConfig, feeds_projection: bool = False) -> nn.Module:
+    """The norm the family uses: RMSNorm, or LayerNorm with a bias (feeds_projection: see RMSNorm)."""
     if config.norm == "rmsnorm":
-        return RMSNorm(config.hidden_size, config.norm_eps)
+        return RMSNorm(config.hidden_size, config.norm_eps, feeds_projection)
     return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
 
 
@@ -150,7 +155,7 @@ class _Rotary(torch.autograd.Function):
         return _rotate_for_training(x, cos, sin[..., :half], sin[..., half:])
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         cos, sin = ctx.saved_tensors
         half = grad.shape[-1] // 2
         return _rotate_for_training(grad, cos, -sin[..., half:], -sin[..., :half]), None, None
@@ -245,9 +250,9 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
-        self.attn_norm = make_norm(config)
+        self.attn_norm = make_norm(config, feeds_projection=True)
         self.attn = Attention(config, layer_index)
-        self.mlp_norm = make_norm(config)
+        self.mlp_norm = make_norm(config, feeds_projection=True)
         self.mlp = MLP(config)
         # No dropout module at p = 0: two fewer calls per block on the decode hot path.
         self.residual_dropout = nn.Dropout(config.dropout) if config.dropout else None
