@@ -42,8 +42,9 @@ def training_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
         return None
     if not (q.requires_grad or k.requires_grad or v.requires_grad):
         return None
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
-    castable = (dtype, torch.float32) if torch.is_autocast_enabled("cpu") else (dtype,)
+    autocast = torch.is_autocast_enabled("cpu")
+    dtype = torch.get_autocast_dtype("cpu") if autocast else q.dtype
+    castable = (dtype, torch.float32) if autocast else (dtype,)
     if dtype not in _REDUCED or any(t.dtype not in castable for t in (q, k, v)):
         return None
     return _FlashAttentionFp32Backward.apply(q.to(dtype), k.to(dtype), v.to(dtype), causal)

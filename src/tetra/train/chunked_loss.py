@@ -58,11 +58,15 @@ def _softmax_minus_onehot(logits: torch.Tensor, target: torch.Tensor,
     target_logits = logits.gather(1, target[:, None])[:, 0].to(log_normalizers.dtype)
     gradient = torch.softmax(logits, dim=-1)
     # The target column in fp32 before its one rounding: p - 1 loses every bit of p near 1 once p is rounded.
-    target_gradient = torch.exp(target_logits - log_normalizers) - 1.0
-    # Written through a flat index: scatter_ along dim 1 walks the whole chunk on CPU (0.5 ms per 256 x 8192).
-    flat_target = torch.arange(0, gradient.numel(), gradient.shape[1], device=target.device) + target
-    gradient.view(-1).index_copy_(0, flat_target, target_gradient.to(gradient.dtype))
+    _write_target_column(gradient, target, torch.exp(target_logits - log_normalizers) - 1.0)
     return gradient
+
+
+def _write_target_column(gradient: torch.Tensor, target: torch.Tensor, values: torch.Tensor) -> None:
+    """gradient[i, target[i]] = values[i], through a flat index: scatter_ along dim 1 walks the whole chunk on CPU
+    (0.5 ms per 256 x 8192)."""
+    flat_target = torch.arange(0, gradient.numel(), gradient.shape[1], device=target.device) + target
+    gradient.view(-1).index_copy_(0, flat_target, values.to(gradient.dtype))
 
 
 def _loss_and_gradient(logits: torch.Tensor, target: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
@@ -71,8 +75,7 @@ def _loss_and_gradient(logits: torch.Tensor, target: torch.Tensor, gradient: tor
     log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
     picked = log_probs.gather(1, target[:, None])[:, 0]
     torch.exp(log_probs, out=gradient)
-    flat_target = torch.arange(0, gradient.numel(), gradient.shape[1], device=target.device) + target
-    gradient.view(-1).index_copy_(0, flat_target, (picked.exp() - 1.0).to(gradient.dtype))
+    _write_target_column(gradient, target, picked.exp() - 1.0)
     return -picked
 
 
@@ -87,15 +90,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
-                backward_chunk: int, eager_gradient: bool, dtype: torch.dtype, stored_bytes: int) -> torch.Tensor:
+                backward_chunk: int, eager_gradient: bool, dtype: torch.dtype, keep: bool) -> torch.Tensor:
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         statistics_dtype = torch.promote_types(dtype, torch.float32)
         losses = torch.empty(hidden.shape[0], dtype=statistics_dtype, device=hidden.device)
         log_normalizers = torch.empty_like(losses)
         unscaled = torch.empty_like(hidden) if eager_gradient else None
-        keep = not eager_gradient and ctx.needs_input_grad[1] and \
-            hidden.shape[0] * weight.shape[0] * weight.element_size() <= stored_bytes
         stored = torch.empty(hidden.shape[0], weight.shape[0], dtype=dtype, device=hidden.device) if keep else None
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
@@ -170,17 +171,18 @@ def chunked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
     chunk = chunk_tokens or chunk_rows(weight.shape[0], hidden.device)
     backward_chunk = chunk_tokens or chunk_rows(weight.shape[0], hidden.device, dtype.itemsize)
     eager = torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
-    if not (torch.is_grad_enabled() and weight.requires_grad):
-        stored_bytes = 0  # nothing will call backward for the head (evaluation, a frozen head)
     hidden, labels_flat = hidden.flatten(0, -2), labels.flatten()
     trained = (labels_flat != IGNORE_INDEX).nonzero()[:, 0]
+    # Kept only for a head that trains (not in evaluation, not for a frozen head) and within the budget.
+    keep = torch.is_grad_enabled() and weight.requires_grad and \
+        0 < len(trained) * weight.shape[0] * dtype.itemsize <= stored_bytes
     if len(trained) == len(labels_flat):
         losses = _ChunkedLinearCrossEntropy.apply(hidden, weight, labels_flat, chunk, backward_chunk, eager, dtype,
-                                                  stored_bytes)
+                                                  keep)
         return losses.view(labels.shape)
     # Only trained tokens go through the head: in chat data most labels are masked (prompts, padding), and their
     # logits would be computed only to be multiplied by zero. The others' losses (and gradients) are exactly 0.
     picked = _ChunkedLinearCrossEntropy.apply(hidden.index_select(0, trained), weight, labels_flat[trained],
-                                              chunk, backward_chunk, eager, dtype, stored_bytes)
+                                              chunk, backward_chunk, eager, dtype, keep)
     losses = picked.new_zeros(len(labels_flat)).index_copy(0, trained, picked)
     return losses.view(labels.shape)
